@@ -1,0 +1,1 @@
+"""datagen: builds the data the search needs (synthetic worlds, safety and domain sets)."""

@@ -1,0 +1,45 @@
+"""The ``evomerge`` command line: a thin argparse layer over the Python API.
+
+Each subcommand lives in ``evomerge/commands/<name>.py`` and exposes
+``register(subparsers)``; the parser it adds sets ``func(args) -> int``.
+Errors derived from :class:`~evomerge.errors.EvomergeError` are printed without a
+traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from evomerge.commands import COMMANDS
+from evomerge.errors import EvomergeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Find safe merges of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except EvomergeError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

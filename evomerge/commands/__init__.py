@@ -1,0 +1,5 @@
+"""Subcommands of the ``evomerge`` CLI; each module exposes ``register(subparsers)``."""
+
+from evomerge.commands import pool as _pool
+
+COMMANDS = [_pool.register]
