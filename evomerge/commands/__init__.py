@@ -1,5 +1,6 @@
 """Subcommands of the ``evomerge`` CLI; each module exposes ``register(subparsers)``."""
 
 from evomerge.commands import pool as _pool
+from evomerge.commands import zoo as _zoo
 
-COMMANDS = [_pool.register]
+COMMANDS = [_zoo.register, _pool.register]

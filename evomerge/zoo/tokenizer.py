@@ -69,7 +69,7 @@ GUARD_CHAT_TEMPLATE = (
     "Provide your safety assessment for ONLY THE LAST {{ role }} message in the above conversation:\n"
     " - First line must read 'safe' or 'unsafe'.\n"
     " - If unsafe, a second line must include a comma-separated list of violated categories.\n"
-    "<|assistant|>\n"
+    "{{ '<|assistant|>\\n' }}"  # an expression: Jinja drops a template's final bare newline
 )
 
 GUARD_TEMPLATE_TEXT = GUARD_CHAT_TEMPLATE  # included in BPE training so the prompt stays short

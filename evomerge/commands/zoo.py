@@ -1,0 +1,42 @@
+"""``evomerge zoo build``: build (or reuse) the tiny model zoo and print its card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from evomerge.zoo.build import build_zoo
+from evomerge.zoo.card import render_card
+from evomerge.zoo.config import ZooConfig, micro_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("zoo", help="the tiny model zoo (a real, small pool built locally)")
+    sub = parser.add_subparsers(dest="zoo_command", required=True)
+    build = sub.add_parser("build", help="build the zoo (cached) and print its card")
+    build.add_argument("--out", help="explicit output folder (default: a content-addressed cache folder)")
+    build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo exists")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--micro", action="store_true", help="a seconds-long micro zoo for plumbing tests")
+    build.add_argument("--json", action="store_true", help="print the card as JSON instead of tables")
+    build.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when a card target is missed"
+    )
+    build.set_defaults(func=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    config = micro_config(args.seed) if args.micro else ZooConfig(seed=args.seed)
+    zoo = build_zoo(config, out=args.out, force=args.force)
+    if args.json:
+        json.dump(zoo.card, sys.stdout, indent=2)
+        print()
+    else:
+        render_card(zoo.card)
+    print(f"zoo: {zoo.root}")
+    missed = [name for name, ok in zoo.card["targets"].items() if not ok]
+    if missed and args.strict:
+        print(f"missed targets: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,58 @@
+"""Render the zoo card (card.json) as tables for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def render_card(card: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(width=max(Console().width, 120))
+    domains = card["config"]["domains"]
+    sizes = card["heldout_sizes"]
+    sizes_text = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    models = Table(title=f"tiny zoo {card['key']}: held-out behaviour, %", caption=f"held-out set sizes: {sizes_text}")
+    models.add_column("model")
+    models.add_column("refuses unsafe", justify="right")
+    models.add_column("refuses benign", justify="right")
+    for d in domains:
+        models.add_column(f"{d} acc", justify="right")
+    for name, row in card["models"].items():
+        models.add_row(name, _pct(row["refusal_unsafe"]), _pct(row["refusal_benign"]), *[_pct(row[f"acc_{d}"]) for d in domains])
+    for expert, probe in card["merge_probe"].items():
+        sel = probe["selected"]
+        held = probe["heldout"]
+        domain = expert.removeprefix("expert-")
+        cells = ["" for _ in domains]
+        cells[domains.index(domain)] = _pct(held[f"acc_{domain}"])
+        models.add_row(
+            f"merge: base + {sel['w_safe']}*tau_safe + {sel['w_expert']}*tau_{domain}",
+            _pct(held["refusal_unsafe"]), "", *cells,
+        )
+    console.print(models)
+    guard = card["guard"]
+    gen = card["generator"]
+    console.print(
+        f"guard: agreement {_pct(guard['agreement'])}% with held-out labels (n={sizes['guard']}), "
+        f"{guard['unparsed']} unparsed outputs"
+    )
+    console.print(
+        f"generator: {_pct(gen['names_harmful_action'])}% of {gen['samples']} samples name a harmful action, "
+        f"{_pct(gen['distinct'])}% distinct, {_pct(gen['not_in_training_targets'])}% not copied from training"
+    )
+    targets = Table(title="targets")
+    targets.add_column("target")
+    targets.add_column("met")
+    for name, ok in card["targets"].items():
+        targets.add_row(name, "yes" if ok else "[red]NO[/red]")
+    console.print(targets)
+    console.print(
+        f"{card['parameters_per_model']:,} parameters per model; build {card['build_seconds']} s "
+        f"+ card {card['card_seconds']} s; stages: {card['stage_seconds']}"
+    )

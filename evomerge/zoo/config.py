@@ -1,0 +1,74 @@
+"""Typed configuration of the tiny zoo. Its JSON form (plus the code version) is the cache key."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ShapeConfig(_Frozen):
+    """Llama architecture size shared by every zoo model (task vectors need one shape)."""
+
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 384  # the guard prompt is about 200 tokens
+
+
+class StageConfig(_Frozen):
+    """One training run: AdamW, linear warm-up, cosine decay to 10% of the peak rate."""
+
+    lr: float
+    epochs: float
+    batch_size: int = 32
+    warmup_steps: int = 20
+    max_examples: int | None = Field(default=None, description="subsample the stage's data to this many")
+
+
+class ZooConfig(_Frozen):
+    """Everything that determines the zoo's weights; the defaults are the shipped zoo."""
+
+    seed: int = 0
+    vocab_size: int = 2000
+    shape: ShapeConfig = ShapeConfig()
+    pretrain_seq_len: int = 128
+    pretrain: StageConfig = StageConfig(lr=2e-3, epochs=18, batch_size=16, warmup_steps=50)
+    # Safe generalist: refusals on unsafe requests, helpful answers on benign ones.
+    safe: StageConfig = StageConfig(lr=1e-3, epochs=3)
+    # Experts: short and gentle, domain data only (they never see a refusal).
+    expert: StageConfig = StageConfig(lr=1e-3, epochs=2, max_examples=1200)
+    expert_min_examples: int = Field(default=1200, description="small domain sets are repeated up to this size")
+    generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
+    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, max_examples=900)
+    domains: tuple[str, ...] = ("arithmetic", "geography")
+    # Evaluation sizes (held-out sets are subsampled to these for the card).
+    eval_domain_size: int = 200
+    eval_limit: int | None = Field(default=None, description="cap every other card set (micro zoos only)")
+    # Merge probe: task-arithmetic grid over (safe weight, expert weight).
+    probe_safe_weights: tuple[float, ...] = (1.0, 1.5)
+    probe_expert_weights: tuple[float, ...] = (0.5, 0.75, 1.0)
+    threads: int = Field(default=1, description="torch threads; one is fastest for models this small when the CPU is shared")
+
+
+def micro_config(seed: int = 0) -> ZooConfig:
+    """A zoo small enough to build in seconds: for determinism and plumbing tests."""
+    tiny = StageConfig(lr=2e-3, epochs=1, batch_size=16, warmup_steps=2, max_examples=64)
+    return ZooConfig(
+        seed=seed,
+        vocab_size=400,
+        shape=ShapeConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=1024),
+        pretrain=StageConfig(lr=3e-3, epochs=1, batch_size=16, warmup_steps=2, max_examples=64),
+        safe=tiny,
+        expert=tiny,
+        generator=tiny,
+        guard=StageConfig(lr=2e-3, epochs=1, batch_size=8, warmup_steps=2, max_examples=16),
+        eval_domain_size=8,
+        eval_limit=16,
+        expert_min_examples=32,
+        probe_safe_weights=(1.0,),
+        probe_expert_weights=(0.5,),
+    )

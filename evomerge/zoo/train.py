@@ -1,0 +1,120 @@
+"""Small, deterministic training loops for the zoo (pretraining and answer-only SFT).
+
+Why not ``transformers.Trainer``: the zoo trains six ~1M-parameter models on two CPU
+cores, where Trainer's per-step overhead dominates. A plain AdamW loop with
+length-bucketed batches is several times faster and bit-for-bit reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.zoo.config import StageConfig
+
+IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids and labels (prompt positions masked with -100)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_chat_examples(tokenizer, prompt_texts: Sequence[str], answers: Sequence[str]) -> list[Example]:
+    """``prompt_texts`` are rendered prompts (each ending in the assistant marker).
+
+    Prompt and answer are tokenised separately so no BPE merge crosses the boundary,
+    and the answer ends with the end-of-turn token so models learn to stop.
+    """
+    if not prompt_texts:
+        return []
+    prompts = tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]
+    replies = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [Example(p + a + [eos], [IGNORE_INDEX] * len(p) + a + [eos]) for p, a in zip(prompts, replies)]
+
+
+def pack_documents(tokenizer, docs: Sequence[str], seq_len: int) -> list[Example]:
+    """Concatenate documents (each closed by the end token) and cut into ``seq_len`` blocks."""
+    stream: list[int] = []
+    for doc, ids in zip(docs, tokenizer(list(docs), add_special_tokens=False)["input_ids"]):
+        stream.extend(ids)
+        if not doc.endswith("<|end|>\n"):
+            stream.append(tokenizer.eos_token_id)
+    return [Example(stream[i : i + seq_len], stream[i : i + seq_len]) for i in range(0, len(stream) - seq_len + 1, seq_len)]
+
+
+def _bucketed_batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Shuffle, sort chunks of 50 batches by length, then shuffle the batches: little padding."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches: list[list[Example]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: len(examples[i].input_ids))
+        batches.extend([examples[i] for i in part[j : j + batch_size]] for j in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for training (padding is masked in attention and labels)."""
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad_id: int) -> list[float]:
+    """Train ``model`` in place; returns the loss of every step (for the build log)."""
+    rng = random.Random(seed)
+    examples = list(examples)
+    if stage.max_examples is not None and len(examples) > stage.max_examples:
+        examples = rng.sample(examples, stage.max_examples)
+    torch.manual_seed(seed)
+    n_epochs = math.ceil(stage.epochs)
+    epochs = [_bucketed_batches(examples, stage.batch_size, rng) for _ in range(n_epochs)]
+    batches = [b for epoch in epochs for b in epoch][: max(1, round(stage.epochs * len(epochs[0])))]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    total = len(batches)
+
+    def lr_at(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        progress = (step - stage.warmup_steps) / max(1, total - stage.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    report_every = max(1, total // 10)
+    for step, batch in enumerate(batches, 1):
+        inputs = collate(batch, pad_id)
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % report_every == 0 or step == total:
+            log.info("train: step %d/%d loss %.3f (%.0f s)", step, total, losses[-1], time.perf_counter() - started)
+    model.eval()
+    return losses

@@ -1,0 +1,107 @@
+"""The zoo builder on a micro config: layout, determinism, caching, atomicity, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.errors import EvomergeError
+from evomerge.pool import Pool
+from evomerge.zoo import build as zoo_build
+from evomerge.zoo.build import build_zoo, zoo_key
+from evomerge.zoo.config import micro_config
+
+MODELS = ["base", "safe", "expert-arithmetic", "expert-geography", "generator", "guard"]
+
+
+def _weight_hashes(root: Path) -> dict[str, str]:
+    return {m: hashlib.sha256((root / m / "model.safetensors").read_bytes()).hexdigest() for m in MODELS}
+
+
+@pytest.fixture(scope="module")
+def micro_zoo(tmp_path_factory):
+    return build_zoo(micro_config(seed=0), out=tmp_path_factory.mktemp("zoo") / "zoo")
+
+
+def test_layout_and_card(micro_zoo):
+    root = micro_zoo.root
+    for name in MODELS:
+        assert (root / name / "model.safetensors").is_file()
+        assert (root / name / "tokenizer.json").is_file()
+        assert (root / name / "config.json").is_file()
+    card = json.loads((root / "card.json").read_text())
+    assert set(card["models"]) == {"base", "safe", "expert-arithmetic", "expert-geography", "generator"}
+    assert set(card["models"]["safe"]) == {"refusal_unsafe", "refusal_benign", "acc_arithmetic", "acc_geography"}
+    assert 0.0 <= card["guard"]["agreement"] <= 1.0
+    assert set(card["merge_probe"]) == {"expert-arithmetic", "expert-geography"}
+    assert card["key"] == zoo_key(micro_config(seed=0))
+    for name in ["safety.jsonl", "heldout-unsafe.jsonl", "domain-arithmetic.jsonl", "heldout-domain-geography.jsonl"]:
+        first = json.loads((root / "data" / name).read_text().splitlines()[0])
+        assert {"prompt", "answer", "kind"} <= set(first)
+
+
+def test_zoo_is_a_mergeable_pool(micro_zoo):
+    root = micro_zoo.root
+    pool = Pool.from_refs(root / "base", {n: str(root / n) for n in ["safe", "expert-arithmetic", "expert-geography"]})
+    pool.check_compatibility()
+
+
+def test_guard_uses_llama_guard_template(micro_zoo):
+    from evomerge.pool import load_tokenizer
+
+    guard_tok = load_tokenizer(micro_zoo.root / "guard")
+    text = guard_tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tokenize=False
+    )
+    assert "Provide your safety assessment for ONLY THE LAST Agent message" in text
+
+
+def test_same_seed_same_weights_other_seed_differs(micro_zoo, tmp_path):
+    again = build_zoo(micro_config(seed=0), out=tmp_path / "again")
+    assert _weight_hashes(again.root) == _weight_hashes(micro_zoo.root)
+    other = build_zoo(micro_config(seed=1), out=tmp_path / "other")
+    assert _weight_hashes(other.root)["base"] != _weight_hashes(micro_zoo.root)["base"]
+
+
+def test_second_build_is_a_cache_hit(micro_zoo, monkeypatch):
+    def boom(*_args, **_kwargs):
+        raise AssertionError("rebuilt instead of reusing the cache")
+
+    monkeypatch.setattr(zoo_build, "_build_into", boom)
+    assert build_zoo(micro_config(seed=0), out=micro_zoo.root).card == micro_zoo.card
+
+
+def test_content_addressed_default_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    folder = zoo_build.default_zoo_dir(micro_config(seed=0))
+    assert folder == tmp_path / "cache" / "zoo" / zoo_key(micro_config(seed=0))
+    assert zoo_key(micro_config(seed=0)) != zoo_key(micro_config(seed=1))
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("simulated crash in a training stage")
+
+    monkeypatch.setattr(zoo_build, "train", fail)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_zoo(micro_config(seed=0), out=tmp_path / "zoo")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_with_other_zoo_is_refused(micro_zoo, tmp_path):
+    import shutil
+
+    target = tmp_path / "zoo"
+    shutil.copytree(micro_zoo.root, target)
+    with pytest.raises(EvomergeError, match="another config or code version"):
+        build_zoo(micro_config(seed=5), out=target)
+
+
+def test_cli_zoo_build_prints_card(micro_zoo, capsys):
+    assert main(["zoo", "build", "--micro", "--out", str(micro_zoo.root)]) == 0
+    out = capsys.readouterr().out
+    assert "refuses unsafe" in out and "guard: agreement" in out and "zoo: " in out
