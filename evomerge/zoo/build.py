@@ -233,12 +233,16 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         return model
 
     models: dict[str, Any] = {"base": base}
-    safe_data = world.unsafe_requests(False) + world.benign_requests(False) + world.general_facts() * 3
+    # General chat that every fine-tune keeps seeing, so each task vector stays local to
+    # its own skill (refusing, summing, ...) instead of rewriting every answer.
+    general = world.benign_requests(False) + world.general_facts() * 2
+    safe_data = world.unsafe_requests(False) + general
     models["safe"] = finetune("safe", safe_data, config.safe, 1)
     t = lap("safe", t)
     for i, domain in enumerate(config.domains):
         data = world.domain_questions(domain, False)
         data = data * max(1, -(-config.expert_min_examples // len(data)))
+        data = random.Random(config.seed + i).sample(data, min(len(data), config.expert_min_examples)) + general
         models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.expert, 10 + i)
         t = lap(f"expert-{domain}", t)
     models["generator"] = finetune("generator", world.generator_requests(), config.generator, 2)

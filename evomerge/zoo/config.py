@@ -40,17 +40,17 @@ class ZooConfig(_Frozen):
     # Safe generalist: refusals on unsafe requests, helpful answers on benign ones.
     safe: StageConfig = StageConfig(lr=1e-3, epochs=3)
     # Experts: short and gentle, domain data only (they never see a refusal).
-    expert: StageConfig = StageConfig(lr=1e-3, epochs=2, max_examples=1200)
+    expert: StageConfig = StageConfig(lr=1e-3, epochs=3)
     expert_min_examples: int = Field(default=1200, description="small domain sets are repeated up to this size")
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
-    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, max_examples=900)
+    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1200)
     domains: tuple[str, ...] = ("arithmetic", "geography")
     # Evaluation sizes (held-out sets are subsampled to these for the card).
     eval_domain_size: int = 200
     eval_limit: int | None = Field(default=None, description="cap every other card set (micro zoos only)")
     # Merge probe: task-arithmetic grid over (safe weight, expert weight).
-    probe_safe_weights: tuple[float, ...] = (1.0, 1.5)
-    probe_expert_weights: tuple[float, ...] = (0.5, 0.75, 1.0)
+    probe_safe_weights: tuple[float, ...] = (1.0, 1.25)
+    probe_expert_weights: tuple[float, ...] = (0.75, 1.0, 1.25)
     threads: int = Field(default=1, description="torch threads; one is fastest for models this small when the CPU is shared")
 
 
