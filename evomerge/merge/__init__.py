@@ -1,0 +1,34 @@
+"""Merge engine: methods by name, ``prepare`` once, ``build`` each candidate in place.
+
+    >>> cache = prepare(pool, "ties", {"normalize": True})
+    >>> build(cache, Genome.from_values([0.6, 0.4], [0.5, 0.5]), out=model)
+"""
+
+from evomerge.merge.cache import (
+    CacheTooLargeError,
+    MergeBuildError,
+    MergeCache,
+    StatePool,
+    build,
+    estimate_cache_bytes,
+    prepare,
+)
+from evomerge.merge.genome import Genome
+from evomerge.merge.methods import METHODS, get_method, parse_options, register_method
+from evomerge.merge.reference import merge_uncached
+
+__all__ = [
+    "METHODS",
+    "CacheTooLargeError",
+    "Genome",
+    "MergeBuildError",
+    "MergeCache",
+    "StatePool",
+    "build",
+    "estimate_cache_bytes",
+    "get_method",
+    "merge_uncached",
+    "parse_options",
+    "prepare",
+    "register_method",
+]
