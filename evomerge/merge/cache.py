@@ -326,7 +326,7 @@ def prepare(
 
 def _targets(cache: MergeCache, out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Destination tensors for the cache's plans and passthrough tensors, resolved once per model."""
-    bound = cache._bound.get(id(out))
+    bound = cache._bound.get(id(out))  # only modules are memoised: their parameters do not move
     if bound is not None and bound[0] is out:
         return bound[1], bound[2]
     if isinstance(out, torch.nn.Module):
@@ -343,7 +343,8 @@ def _targets(cache: MergeCache, out: Any) -> tuple[list[torch.Tensor], list[torc
             if tuple(t.shape) != plan.shape:
                 raise MergeBuildError(f"tensor '{plan.name}': output has shape {list(t.shape)}, pool has {list(plan.shape)}")
             dests[i].append(t.data if isinstance(t, torch.nn.Parameter) else t)
-    cache._bound = {id(out): (out, dests[0], dests[1])}
+    if isinstance(out, torch.nn.Module):
+        cache._bound = {id(out): (out, dests[0], dests[1])}
     return dests[0], dests[1]
 
 
