@@ -15,7 +15,9 @@ from evomerge.merge.cache import (
 )
 from evomerge.merge.genome import Genome
 from evomerge.merge.methods import METHODS, get_method, parse_options, register_method
+from evomerge.merge.recipe import MergeRecipe
 from evomerge.merge.reference import merge_uncached
+from evomerge.merge.writer import load_recipe, write_merged_model
 
 __all__ = [
     "METHODS",
@@ -23,12 +25,15 @@ __all__ = [
     "Genome",
     "MergeBuildError",
     "MergeCache",
+    "MergeRecipe",
     "StatePool",
     "build",
     "estimate_cache_bytes",
     "get_method",
+    "load_recipe",
     "merge_uncached",
     "parse_options",
     "prepare",
     "register_method",
+    "write_merged_model",
 ]
