@@ -106,25 +106,32 @@ class MagnitudeTable:
         return self.orig_table[self.snap(density)]
 
 
-def topk_mask(abs_values: torch.Tensor, q: TopKQuery, out: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the ``q.keep`` largest entries; ties go to the lowest flat index.
+def topk_drop(abs_values: torch.Tensor, q: TopKQuery, out: torch.Tensor, eq_buf: torch.Tensor) -> torch.Tensor:
+    """``out = True`` where an entry is *not* among the ``q.keep`` largest magnitudes.
 
-    This is what a stable descending argsort keeps, without sorting: one comparison,
-    plus a prefix count over the ties only when they straddle the cut.
+    Ties at the threshold go to the lowest flat index, which is what a stable
+    descending argsort keeps, without sorting: one comparison, plus one equality scan
+    and a short ``nonzero`` only when the ties straddle the cut.
     """
     if q.keep >= abs_values.numel():
-        return out.fill_(True)
-    if q.keep <= 0:
         return out.fill_(False)
+    if q.keep <= 0:
+        return out.fill_(True)
     need = q.need
     if need >= q.equal:
-        return torch.ge(abs_values, q.threshold, out=out)
-    torch.gt(abs_values, q.threshold, out=out)
+        return torch.lt(abs_values, q.threshold, out=out)
+    torch.le(abs_values, q.threshold, out=out)
     if need > 0:
-        ties = abs_values == q.threshold
-        rank = torch.cumsum(ties, 0, dtype=torch.int64)
-        out |= ties & (rank <= need)
+        torch.eq(abs_values, q.threshold, out=eq_buf)
+        out[torch.nonzero(eq_buf).view(-1)[:need]] = False
     return out
+
+
+def topk_mask(abs_values: torch.Tensor, q: TopKQuery) -> torch.Tensor:
+    """Boolean keep-mask of the ``q.keep`` largest magnitudes (convenience for tests and tools)."""
+    drop = torch.empty(abs_values.shape, dtype=torch.bool, device=abs_values.device)
+    eq = torch.empty_like(drop)
+    return ~topk_drop(abs_values, q, drop, eq)
 
 
 # --------------------------------------------------------------------------- DARE
@@ -149,33 +156,30 @@ def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- consensus
 def consensus_merge(
-    weighted: torch.Tensor,
-    coeffs: torch.Tensor,
-    normalize: bool,
-    out: torch.Tensor,
-    scratch: torch.Tensor,
-    sign_buf: torch.Tensor,
-    agree_buf: torch.Tensor,
+    weighted: torch.Tensor, coeffs: torch.Tensor, normalize: bool, out: torch.Tensor, scratch: torch.Tensor, sign_buf: torch.Tensor
 ) -> torch.Tensor:
-    """mergekit ``sum`` consensus on weighted deltas ``W`` of shape ``(T, n)``.
+    """mergekit ``sum`` consensus on weighted deltas ``W`` of shape ``(T, n)``, into ``out``.
 
-    Elected sign ``s* = +1 if sum_k W_k >= 0 else -1``; keep the entries whose sign
-    equals ``s*`` (zeros never agree); sum them, and with ``normalize`` divide by the
-    sum of the agreeing coefficients (exact zero divisor -> 1). ``W`` is overwritten.
+    Elected sign ``s* = +1 if sum_k W_k >= 0 else -1``; keep entries whose sign equals
+    ``s*`` (zeros never agree); sum them; with ``normalize`` divide by the sum of the
+    agreeing coefficients (exact-zero divisor -> 1). ``copysign(1, S)`` gives ``s*``
+    directly: a sum is ``-0.0`` only when every term is a zero, and then nothing agrees
+    whichever sign is elected.
     """
     torch.sum(weighted, 0, out=out)
-    torch.ge(out, 0, out=agree_buf[0])
-    torch.mul(agree_buf[0], 2.0, out=sign_buf).sub_(1.0)  # s* as +-1.0
-    torch.mul(weighted, sign_buf, out=scratch)  # s* W_k: > 0 exactly where W_k agrees
-    torch.gt(scratch, 0, out=agree_buf)
+    torch.copysign(_ONE.to(out.device), out, out=sign_buf)
+    torch.mul(weighted, sign_buf, out=scratch)  # s* W_k > 0 exactly where W_k agrees
     scratch.clamp_(min=0)
     torch.sum(scratch, 0, out=out).mul_(sign_buf)
     if normalize:
-        scratch.copy_(agree_buf)
+        scratch.sign_()  # 1 where agreeing, else 0
         torch.mv(scratch.t(), coeffs, out=sign_buf)
         sign_buf.masked_fill_(sign_buf == 0, 1.0)
         out.div_(sign_buf)
     return out
+
+
+_ONE = torch.tensor(1.0)
 
 
 # --------------------------------------------------------------------------- TSVM

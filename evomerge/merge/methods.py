@@ -273,18 +273,18 @@ class Ties(_Base):
     def _weighted(self, state: TiesState, cand: Candidate, ws, options) -> torch.Tensor:
         t, n = state.taus.shape
         absb = ws.get("abs", t * n).view(t, n)
-        mask = ws.get("mask", t * n, torch.bool).view(t, n)
+        drop = ws.get("drop", t * n, torch.bool).view(t, n)
+        eq = ws.get("eq", n, torch.bool)
         torch.abs(state.taus, out=absb)
         for k, table in enumerate(state.tables):
             d = cand.densities[k]
             if options.variant == "original":
-                torch.ge(absb[k], table.original_threshold(d), out=mask[k])
+                torch.lt(absb[k], table.original_threshold(d), out=drop[k])
             else:
-                K.topk_mask(absb[k], table.query(d), out=mask[k])
+                K.topk_drop(absb[k], table.query(d), drop[k], eq)
         w = ws.get("w", t * n).view(t, n)
-        torch.mul(state.taus, mask, out=w)
-        w.mul_(cand.coeffs[:, None])
-        return w
+        torch.mul(state.taus, cand.coeffs[:, None], out=w)
+        return w.masked_fill_(drop, 0.0)
 
     def begin_build(self, states, candidates, groups, options, ws) -> Any:
         if options.variant != "original":
@@ -301,20 +301,18 @@ class Ties(_Base):
         w = self._weighted(state, cand, ws, options)
         delta = ws.get("delta", n)
         sign = ws.get("sign", n)
-        agree = ws.get("mask", t * n, torch.bool).view(t, n)
         scratch = ws.get("abs", t * n).view(t, n)
         if options.variant == "original":
             torch.sum(w, 0, out=sign)
             sign.sign_()
             sign.masked_fill_(sign == 0, ctx)
             torch.mul(w, sign, out=scratch)
-            torch.gt(scratch, 0, out=agree)
             scratch.clamp_(min=0)
             torch.sum(scratch, 0, out=delta).mul_(sign)
-            count = agree.sum(0).clamp_(min=1)
+            count = scratch.sign_().sum(0).clamp_(min=1)  # agreeing nonzero entries
             delta.div_(count)
         else:
-            K.consensus_merge(w, cand.coeffs, options.normalize, delta, scratch, sign, agree)
+            K.consensus_merge(w, cand.coeffs, options.normalize, delta, scratch, sign)
         torch.add(base, delta, alpha=cand.scale, out=dst)
 
 
@@ -343,37 +341,34 @@ class _Dare(_Base):
     def prepare_tensor(self, info, base, taus, options) -> DareState:
         stack = _stack(taus)
         keys = [K.tensor_key(options.seed, e, info.name) for e in info.expert_names]
-        return DareState(stack, keys, [float(row.abs().sum()) for row in stack])
+        return DareState(stack, keys, [float(torch.linalg.vector_norm(row, ord=1)) for row in stack])
 
     def _weighted(self, state: DareState, cand: Candidate, ws, options) -> torch.Tensor:
         t, n = state.taus.shape
         u = ws.get("abs", t * n).view(t, n)
-        mask = ws.get("mask", t * n, torch.bool).view(t, n)
+        drop = ws.get("drop", t * n, torch.bool).view(t, n)
         w = ws.get("w", t * n).view(t, n)
         for k in range(t):
             d = cand.densities[k]
-            if d >= 1:
-                mask[k].fill_(True)
-            elif d <= 0:
-                mask[k].fill_(False)
+            if d >= 1 or d <= 0:
+                drop[k].fill_(d <= 0)
             else:
                 K.keyed_uniform(state.keys[k], u[k])
-                torch.lt(u[k], d, out=mask[k])
-        torch.mul(state.taus, mask, out=w)
-        factors = []
-        for k in range(t):
-            d = cand.densities[k]
-            factors.append(cand.weights[k] * dare_rescale(options.rescale, d, state.l1[k], w[k]))
-        w.mul_(_coef_tensor(factors, w)[:, None])
-        return w
+                torch.ge(u[k], d, out=drop[k])
+        if options.rescale == "l1":  # the factor needs the masked norm first
+            w.copy_(state.taus).masked_fill_(drop, 0.0)
+            factors = [cand.weights[k] * dare_rescale("l1", cand.densities[k], state.l1[k], w[k]) for k in range(t)]
+            return w.mul_(_coef_tensor(factors, w)[:, None])
+        factors = [cand.weights[k] * dare_rescale(options.rescale, d, 0.0, w[k]) for k, d in enumerate(cand.densities)]
+        torch.mul(state.taus, _coef_tensor(factors, w)[:, None], out=w)
+        return w.masked_fill_(drop, 0.0)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         t, n = state.taus.shape
         w = self._weighted(state, cand, ws, options)
         delta = ws.get("delta", n)
         if self.ties:
-            agree = ws.get("mask", t * n, torch.bool).view(t, n)
-            K.consensus_merge(w, cand.coeffs, options.normalize, delta, ws.get("abs", t * n).view(t, n), ws.get("sign", n), agree)
+            K.consensus_merge(w, cand.coeffs, options.normalize, delta, ws.get("abs", t * n).view(t, n), ws.get("sign", n))
         else:
             torch.sum(w, 0, out=delta)
             total = sum(cand.weights)
@@ -391,7 +386,7 @@ def dare_rescale(mode: str, density: float, l1_before: float, masked: torch.Tens
     if mode == "inv_density":
         return 1.0 / density
     if mode == "l1":
-        after = float(masked.abs().sum())
+        after = float(torch.linalg.vector_norm(masked, ord=1))
         return 1.0 if l1_before < 1e-7 or after < 1e-7 else l1_before / after
     return 1.0
 
