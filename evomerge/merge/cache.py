@@ -232,7 +232,7 @@ class MergeCache:
                     return 0
                 seen.add(id(obj))
                 return obj.numel() * obj.element_size()
-            if hasattr(obj, "nbytes") and not isinstance(obj, torch.Tensor) and type(obj).__name__ == "MagnitudeTable":
+            if type(obj).__name__ in ("MagnitudeTable", "ThresholdTable"):
                 return obj.nbytes
             if hasattr(obj, "__dict__"):
                 return sum(size(v) for v in vars(obj).values())

@@ -32,56 +32,53 @@ def mergekit_keep_count(density: float, n: int) -> int:
 
 @dataclass
 class TopKQuery:
-    """Exact top-K selection by magnitude: keep ``|x| > t`` plus the first ``need`` ties."""
+    """Exact top-K by magnitude: keep ``|x| >= t`` before flat index ``cut``, ``|x| > t`` after.
 
-    keep: int  # K
-    threshold: float  # K-th largest magnitude
-    greater: int  # #{|x| > t}
-    equal: int  # #{|x| == t}
+    With a stable descending sort, ties at ``t`` are kept in index order up to the K-th
+    element, whose index is ``cut - 1``; so one comparison pass split at ``cut``
+    reproduces mergekit's ``argsort(...)[:K]`` selection exactly.
+    """
 
-    @property
-    def need(self) -> int:
-        return self.keep - self.greater
+    keep: int
+    threshold: float
+    cut: int
 
 
 class MagnitudeTable:
-    """Answers "which K largest |x|" for any density without sorting again.
+    """Answers "which K largest |x|" for any density without sorting again (mergekit TIES).
 
-    Built once from one sort of ``|x|``. With ``grid=G`` densities snap to the nearest
-    ``g/G`` (``K = g*n // G``) and only ``G+1`` (threshold, #greater, #equal) rows are
-    kept, a few KB per tensor. With ``grid=None`` the whole ascending sorted array is
-    kept (4 bytes per element) and any density is exact, as in mergekit.
+    Built once from one stable argsort of ``|x|``. With ``grid=G`` densities snap to the
+    nearest ``g/G`` (``K = g*n // G``) and only ``G+1`` (threshold, cut) pairs are kept,
+    a few KB per tensor. With ``grid=None`` the int32 sort order is kept (4 bytes per
+    element) and any density is exact, with mergekit's ``K = max(1, int(d*n))``.
     """
 
-    def __init__(self, magnitudes: torch.Tensor, grid: int | None) -> None:
-        asc = torch.sort(magnitudes.reshape(-1).float()).values
-        self.n = n = asc.numel()
+    def __init__(self, values: torch.Tensor, grid: int | None) -> None:
+        flat = values.reshape(-1)
+        self.n = n = flat.numel()
         self.grid = grid
-        self.asc: torch.Tensor | None = asc if grid is None else None
-        if grid is None or n == 0:
+        self.values = flat  # a view of the cached task vector: no extra memory
+        order = torch.argsort(flat.abs().float(), descending=True, stable=True)
+        self.order: torch.Tensor | None = order.to(torch.int32) if grid is None else None
+        if grid is None:
             return
-        ks = torch.tensor([(g * n) // grid for g in range(grid + 1)], dtype=torch.int64)
-        ks = torch.where((ks == 0) & (torch.arange(grid + 1) > 0), 1, ks)  # d > 0 keeps >= 1
-        self.k_table = ks.tolist()
-        self.rows = [self._row(asc, k) for k in self.k_table]
-        orig = n - torch.tensor([(g * n) // grid for g in range(grid + 1)])
-        self.orig_table = [float(asc[k - 1]) if k >= 1 else -math.inf for k in orig.tolist()]
+        self.rows = []
+        for g in range(grid + 1):
+            k = (g * n) // grid
+            k = max(1, k) if g > 0 and n else k
+            self.rows.append(self._row(k, order))
 
-    @staticmethod
-    def _row(asc: torch.Tensor, k: int) -> TopKQuery:
-        n = asc.numel()
-        if k >= n:
-            return TopKQuery(n, -math.inf, n, 0)
+    def _row(self, k: int, order: torch.Tensor) -> TopKQuery:
+        if k >= self.n:
+            return TopKQuery(self.n, -math.inf, self.n)
         if k <= 0:
-            return TopKQuery(0, math.inf, 0, 0)
-        t = asc[n - k]
-        hi = int(torch.searchsorted(asc, t, right=True))
-        lo = int(torch.searchsorted(asc, t, right=False))
-        return TopKQuery(k, float(t), n - hi, hi - lo)
+            return TopKQuery(0, math.inf, 0)
+        i = int(order[k - 1])
+        return TopKQuery(k, float(self.values[i].abs()), i + 1)
 
     @property
     def nbytes(self) -> int:
-        return self.asc.numel() * 4 if self.asc is not None else 40 * ((self.grid or 0) + 1)
+        return self.order.numel() * 4 if self.order is not None else 24 * ((self.grid or 0) + 1)
 
     def snap(self, density: float) -> int:
         """Grid level of ``density`` (nearest, clamped to ``[0, G]``)."""
@@ -89,49 +86,62 @@ class MagnitudeTable:
         return min(self.grid, max(0, round(density * self.grid)))
 
     def query(self, density: float) -> TopKQuery:
-        """The K largest magnitudes for ``density`` (mergekit's K rule when exact)."""
         if self.n == 0 or density >= 1:
-            return TopKQuery(self.n, -math.inf, self.n, 0)
-        if self.asc is not None:
-            return self._row(self.asc, mergekit_keep_count(density, self.n))
+            return TopKQuery(self.n, -math.inf, self.n)
+        if self.order is not None:
+            return self._row(mergekit_keep_count(density, self.n), self.order)
         return self.rows[self.snap(density)]
 
-    def original_threshold(self, density: float) -> float:
-        """Original TIES trim: keep ``|x| >= kthvalue(n - int(n*d))`` (one more than K, plus ties)."""
+
+class ThresholdTable:
+    """Original-TIES trim over a whole model: keep ``|x| >= kthvalue(n - int(n*d))``.
+
+    That keeps ``int(n*d) + 1`` entries plus every tie (one more than mergekit's K).
+    Exact mode keeps the ascending sorted magnitudes (4 B per element); grid mode keeps
+    ``G+1`` thresholds.
+    """
+
+    def __init__(self, magnitudes: torch.Tensor, grid: int | None) -> None:
+        asc = torch.sort(magnitudes.reshape(-1).float()).values
+        self.n = n = asc.numel()
+        self.grid = grid
+        self.asc: torch.Tensor | None = asc if grid is None else None
+        if grid is not None:
+            ks = [n - (g * n) // grid for g in range(grid + 1)]
+            self.table = [float(asc[k - 1]) if k >= 1 else -math.inf for k in ks]
+
+    @property
+    def nbytes(self) -> int:
+        return self.asc.numel() * 4 if self.asc is not None else 8 * ((self.grid or 0) + 1)
+
+    def threshold(self, density: float) -> float:
         if density >= 1 or self.n == 0:
             return -math.inf
         if self.asc is not None:
             k = self.n - int(self.n * density)
             return float(self.asc[k - 1]) if k >= 1 else -math.inf
-        return self.orig_table[self.snap(density)]
+        return self.table[min(self.grid, max(0, round(density * self.grid)))]  # type: ignore[type-var]
 
 
-def topk_drop(abs_values: torch.Tensor, q: TopKQuery, out: torch.Tensor, eq_buf: torch.Tensor) -> torch.Tensor:
-    """``out = True`` where an entry is *not* among the ``q.keep`` largest magnitudes.
+def topk_keep(abs_values: torch.Tensor, q: TopKQuery, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = 1 where an entry is among the ``q.keep`` largest magnitudes, else 0.
 
-    Ties at the threshold go to the lowest flat index, which is what a stable
-    descending argsort keeps, without sorting: one comparison, plus one equality scan
-    and a short ``nonzero`` only when the ties straddle the cut.
+    One comparison pass, split at ``q.cut`` (see :class:`TopKQuery`). ``out`` may be
+    float (a 0/1 mask: much faster than bool masks in the multiplies on CPU) or bool.
     """
     if q.keep >= abs_values.numel():
-        return out.fill_(False)
+        return out.fill_(1)
     if q.keep <= 0:
-        return out.fill_(True)
-    need = q.need
-    if need >= q.equal:
-        return torch.lt(abs_values, q.threshold, out=out)
-    torch.le(abs_values, q.threshold, out=out)
-    if need > 0:
-        torch.eq(abs_values, q.threshold, out=eq_buf)
-        out[torch.nonzero(eq_buf).view(-1)[:need]] = False
+        return out.fill_(0)
+    torch.ge(abs_values[: q.cut], q.threshold, out=out[: q.cut])
+    torch.gt(abs_values[q.cut :], q.threshold, out=out[q.cut :])
     return out
 
 
-def topk_mask(abs_values: torch.Tensor, q: TopKQuery) -> torch.Tensor:
-    """Boolean keep-mask of the ``q.keep`` largest magnitudes (convenience for tests and tools)."""
-    drop = torch.empty(abs_values.shape, dtype=torch.bool, device=abs_values.device)
-    eq = torch.empty_like(drop)
-    return ~topk_drop(abs_values, q, drop, eq)
+def topk_mask(values: torch.Tensor, density: float, grid: int | None = None) -> torch.Tensor:
+    """Boolean keep-mask of the top-K magnitudes at ``density`` (convenience for tests and tools)."""
+    keep = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
+    return topk_keep(values.reshape(-1).abs(), MagnitudeTable(values, grid).query(density), keep).view(values.shape)
 
 
 # --------------------------------------------------------------------------- DARE
@@ -174,7 +184,7 @@ def consensus_merge(
     if normalize:
         scratch.sign_()  # 1 where agreeing, else 0
         torch.mv(scratch.t(), coeffs, out=sign_buf)
-        sign_buf.masked_fill_(sign_buf == 0, 1.0)
+        sign_buf.add_(sign_buf == 0)  # exact-zero divisor -> 1
         out.div_(sign_buf)
     return out
 
