@@ -12,6 +12,12 @@ from evomerge.pool import Pool, load_model
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch):
+    """Eager kernels keep these tests fast; test_merge_fused.py checks the compiled ones."""
+    monkeypatch.setenv("EVOMERGE_FUSED", "0")
+
 ALL_METHODS = ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "slerp", "tsvm", "r_tsvm"]
 METHOD_OPTIONS = {
     "task_arithmetic": [{}, {"normalize": True}],

@@ -12,6 +12,12 @@ from evomerge.merge import kernels as K
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch):
+    """Eager kernels keep these tests fast; test_merge_fused.py checks the compiled ones."""
+    monkeypatch.setenv("EVOMERGE_FUSED", "0")
+
 T1 = [[3, -9, 8], [11, -1, 5], [-7, 12, 2], [-4, 10, -6]]
 T2 = [[-5, 10, 8], [9, 2, -12], [7, -3, -1], [11, -6, 4]]
 T3 = [[6, -2, -9], [-8, 12, -7], [1, -4, 11], [10, -3, 5]]
@@ -90,12 +96,15 @@ U3 = [[0.65, 0.10, 0.30], [0.95, 0.55, 0.40], [0.20, 0.85, 0.70], [0.60, 0.05, 0
 
 @pytest.fixture
 def fixed_uniform(monkeypatch):
-    fields = {K.tensor_key(0, f"e{i}", "w"): torch.tensor(u).reshape(-1) for i, u in enumerate((U1, U2, U3))}
+    from evomerge.merge import fused
 
-    def fake(key, out):
-        return out.copy_(fields[key])
+    keys = [K.tensor_key(0, f"e{i}", "w") for i in range(3)]
+    fields = {(k & 0xFFFFFFFF, k >> 32): torch.tensor(u).reshape(-1) for k, u in zip(keys, (U1, U2, U3))}
 
-    monkeypatch.setattr(K, "keyed_uniform", fake)
+    def fake(idx, key_lo, key_hi):
+        return fields[(int(key_lo), int(key_hi))][idx]
+
+    monkeypatch.setattr(fused, "hash_uniform", fake)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,12 @@ from evomerge.pool import Pool, load_model
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch):
+    """Eager kernels keep these tests fast; test_merge_fused.py checks the compiled ones."""
+    monkeypatch.setenv("EVOMERGE_FUSED", "0")
+
+
 def _recipe(micro_pool, method="ties", **extra) -> dict:
     data = {
         "base": str(micro_pool["base"]),

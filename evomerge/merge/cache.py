@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.fused import fused_enabled
 from evomerge.merge.genome import Genome
 from evomerge.merge.methods import Candidate, MergeMethod, MethodOptions, TensorInfo, get_method, parse_options
 
@@ -111,8 +112,9 @@ def layer_of(name: str) -> int:
 class Workspace:
     """Named scratch buffers that grow to the largest tensor once and are then reused."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", compiled: bool = False) -> None:
         self.device = torch.device(device)
+        self.compiled = compiled
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -278,12 +280,15 @@ def prepare(
     options: MethodOptions | Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     memory_limit: int | None = None,
+    fused: bool | None = None,
 ) -> MergeCache:
     """Do every genome-independent step once and return the cache ``build`` reads.
 
     ``pool`` is an :class:`evomerge.pool.Pool` or a :class:`StatePool`. The cache size
     is estimated from the shapes first; if it exceeds ``memory_limit`` (default: the
     memory available on ``device``) a :class:`CacheTooLargeError` says by how much.
+    ``fused`` (default: on unless ``EVOMERGE_FUSED=0``) compiles the TIES/DARE build
+    kernels with ``torch.compile`` once per process (seconds), falling back to eager.
     """
     impl = get_method(method)
     opts = parse_options(method, options)
@@ -321,7 +326,9 @@ def prepare(
             state = impl.prepare_tensor(info, base.to(device), [t.to(device) for t in taus], opts)
             plans.append(TensorPlan(name, tuple(shape), dtype, layer_of(name), base.reshape(-1).to(device).contiguous(), state))
         impl.finalize([p.state for p in plans], opts)
-    return MergeCache(method, opts, names, _num_layers(pool, list(specs)), plans, passthrough, device, est)
+    cache = MergeCache(method, opts, names, _num_layers(pool, list(specs)), plans, passthrough, device, est)
+    cache.workspace.compiled = fused_enabled(fused)
+    return cache
 
 
 def _targets(cache: MergeCache, out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

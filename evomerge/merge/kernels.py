@@ -151,17 +151,14 @@ def tensor_key(seed: int, expert: str, tensor: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-_GENERATORS: dict[str, torch.Generator] = {}
-
-
 def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` with U[0,1) drawn from a generator seeded by ``key`` (regenerated, not stored)."""
-    dev = str(out.device)
-    gen = _GENERATORS.get(dev)
-    if gen is None:
-        gen = _GENERATORS[dev] = torch.Generator(device=out.device)
-    gen.manual_seed(key)
-    return out.uniform_(0.0, 1.0, generator=gen)
+    """Fill flat ``out`` with the U[0,1) field of ``key`` (same hash as the fused DARE kernel)."""
+    from evomerge.merge.fused import hash_uniform
+
+    idx = torch.arange(out.numel(), device=out.device)
+    lo = torch.tensor(key & 0xFFFFFFFF, device=out.device)
+    hi = torch.tensor((key >> 32) & 0xFFFFFFFF, device=out.device)
+    return out.copy_(hash_uniform(idx, lo, hi))
 
 
 # --------------------------------------------------------------------------- consensus

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError
+from evomerge.merge import fused as F
 from evomerge.merge import kernels as K
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class Candidate:
 
 
 class Workspace(Protocol):
+    compiled: bool  # run the fused kernels through torch.compile
+
     def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
 
 
@@ -276,11 +279,7 @@ class Ties(_Base):
         keep = ws.get("keep", t * n).view(t, n)  # float 0/1 masks: far faster than bool on CPU
         torch.abs(state.taus, out=absb)
         for k, table in enumerate(state.tables):
-            d = cand.densities[k]
-            if options.variant == "original":
-                torch.ge(absb[k], table.threshold(d), out=keep[k])
-            else:
-                K.topk_keep(absb[k], table.query(d), keep[k])
+            torch.ge(absb[k], table.threshold(cand.densities[k]), out=keep[k])
         keep.mul_(cand.coeffs[:, None])
         w = ws.get("w", t * n).view(t, n)
         return torch.mul(state.taus, keep, out=w)
@@ -296,22 +295,27 @@ class Ties(_Base):
         return 1.0 if total >= 0 else -1.0  # ties (incl. empty) -> +
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if options.variant == "mergekit":
+            queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
+            thr = torch.tensor([q.threshold for q in queries], dtype=torch.float32, device=base.device)
+            cut = torch.tensor([q.cut for q in queries], dtype=torch.int64, device=base.device)
+            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+            F.run("ties", ws.compiled, dst, state.taus, base, thr, cut, cand.coeffs, scale, options.normalize)
+            return
+        # original variant: global thresholds and the model-wide majority sign (ctx)
         t, n = state.taus.shape
         w = self._weighted(state, cand, ws, options)
         delta = ws.get("delta", n)
         sign = ws.get("sign", n)
         scratch = ws.get("abs", t * n).view(t, n)
-        if options.variant == "original":
-            torch.sum(w, 0, out=sign)
-            sign.sign_()
-            sign.masked_fill_(sign == 0, ctx)
-            torch.mul(w, sign, out=scratch)
-            scratch.clamp_(min=0)
-            torch.sum(scratch, 0, out=delta).mul_(sign)
-            count = scratch.sign_().sum(0).clamp_(min=1)  # agreeing nonzero entries
-            delta.div_(count)
-        else:
-            K.consensus_merge(w, cand.coeffs, options.normalize, delta, scratch, sign)
+        torch.sum(w, 0, out=sign)
+        sign.sign_()
+        sign.masked_fill_(sign == 0, ctx)
+        torch.mul(w, sign, out=scratch)
+        scratch.clamp_(min=0)
+        torch.sum(scratch, 0, out=delta).mul_(sign)
+        count = scratch.sign_().sum(0).clamp_(min=1)  # agreeing nonzero entries
+        delta.div_(count)
         torch.add(base, delta, alpha=cand.scale, out=dst)
 
 
@@ -319,15 +323,16 @@ class Ties(_Base):
 @dataclass
 class DareState:
     taus: torch.Tensor  # (T, n)
-    keys: list[int]
-    l1: list[float]
+    key_lo: torch.Tensor  # (T,) int64: low/high 32 bits of each expert's RNG key
+    key_hi: torch.Tensor
+    l1: torch.Tensor  # (T,) float32: ||tau_k||_1, for the L1-matching rescale
 
 
 class _Dare(_Base):
     """DARE (section 3): keep ``u < d`` from a keyed uniform field, rescale, then merge.
 
-    ``u`` is regenerated from ``(seed, expert, tensor)`` on every build, so masks nest
-    across densities and cost no memory.
+    ``u`` is a counter-based hash of ``(seed, expert, tensor, index)`` recomputed inside
+    the build kernel, so masks nest across densities and cost no memory.
     """
 
     options_model = DareOptions
@@ -340,39 +345,41 @@ class _Dare(_Base):
     def prepare_tensor(self, info, base, taus, options) -> DareState:
         stack = _stack(taus)
         keys = [K.tensor_key(options.seed, e, info.name) for e in info.expert_names]
-        return DareState(stack, keys, [float(torch.linalg.vector_norm(row, ord=1)) for row in stack])
-
-    def _weighted(self, state: DareState, cand: Candidate, ws, options) -> torch.Tensor:
-        t, n = state.taus.shape
-        u = ws.get("abs", t * n).view(t, n)
-        keep = ws.get("keep", t * n).view(t, n)
-        w = ws.get("w", t * n).view(t, n)
-        for k in range(t):
-            d = cand.densities[k]
-            if d >= 1 or d <= 0:
-                keep[k].fill_(float(d >= 1))
-            else:
-                K.keyed_uniform(state.keys[k], u[k])
-                torch.lt(u[k], d, out=keep[k])
-        torch.mul(state.taus, keep, out=w)
-        factors = [cand.weights[k] * dare_rescale(options.rescale, d, state.l1[k], w[k]) for k, d in enumerate(cand.densities)]
-        return w.mul_(_coef_tensor(factors, w)[:, None])
+        dev = stack.device
+        lo = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
+        hi = torch.tensor([(k >> 32) & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
+        l1 = torch.stack([torch.linalg.vector_norm(row, ord=1) for row in stack])
+        return DareState(stack, lo, hi, l1)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
-        t, n = state.taus.shape
-        w = self._weighted(state, cand, ws, options)
-        delta = ws.get("delta", n)
-        if self.ties:
-            K.consensus_merge(w, cand.coeffs, options.normalize, delta, ws.get("abs", t * n).view(t, n), ws.get("sign", n))
+        if options.rescale == "l1":
+            factors = list(cand.weights)  # the L1 ratio is computed inside the kernel
         else:
-            torch.sum(w, 0, out=delta)
-            total = sum(cand.weights)
-            if options.normalize and abs(total) >= 1e-8:
-                delta.div_(total)
-        torch.add(base, delta, alpha=cand.scale, out=dst)
+            factors = [w * dare_rescale(options.rescale, d) for w, d in zip(cand.weights, cand.densities)]
+        total = sum(cand.weights)
+        if not self.ties and options.normalize and abs(total) >= 1e-8:
+            factors = [f / total for f in factors]
+        dev = base.device
+        F.run(
+            "dare",
+            ws.compiled,
+            dst,
+            state.taus,
+            base,
+            state.key_lo,
+            state.key_hi,
+            torch.tensor(cand.densities, dtype=torch.float32, device=dev),
+            torch.tensor(factors, dtype=torch.float32, device=dev),
+            cand.coeffs,
+            state.l1,
+            torch.tensor(cand.scale, dtype=torch.float32, device=dev),
+            self.ties,
+            options.normalize,
+            options.rescale == "l1",
+        )
 
 
-def dare_rescale(mode: str, density: float, l1_before: float, masked: torch.Tensor) -> float:
+def dare_rescale(mode: str, density: float, l1_before: float = 0.0, masked: torch.Tensor | None = None) -> float:
     """Rescale factor of a DARE-masked delta: ``1/d``, L1-matching (mergekit >= 0.1) or 1."""
     if density >= 1:
         return 1.0
@@ -381,6 +388,7 @@ def dare_rescale(mode: str, density: float, l1_before: float, masked: torch.Tens
     if mode == "inv_density":
         return 1.0 / density
     if mode == "l1":
+        assert masked is not None
         after = float(torch.linalg.vector_norm(masked, ord=1))
         return 1.0 if l1_before < 1e-7 or after < 1e-7 else l1_before / after
     return 1.0
