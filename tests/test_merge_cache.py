@@ -27,7 +27,7 @@ METHOD_OPTIONS = {
     "dare_ties": [{}, {"normalize": True, "rescale": "l1"}],
     "slerp": [{}],
     "tsvm": [{"storage": "dense"}, {"storage": "factored"}, {"exclude": ["*embed*"]}],
-    "r_tsvm": [{"storage": "dense"}, {"storage": "factored", "order": "trunc_then_orth", "norm": "l1"}],
+    "r_tsvm": [{"storage": "dense"}, {"storage": "factored", "order": "trunc_then_orth", "norm": "l1", "weight_1d": True}],
 }
 
 

@@ -271,6 +271,16 @@ def test_rtsvm_invariants():
     torch.testing.assert_close(2 * l1, l2, atol=1e-5, rtol=0)
 
 
+def test_rtsvm_weight_1d_treats_vectors_as_one_row():
+    a = torch.tensor([0.0] * 11 + [6.0])  # spike: outlier mass 5.5 (centred)
+    b = torch.tensor([1.0, -1.0] * 6)  # no outlier
+    pool = StatePool({"v": torch.zeros(12)}, {"a": {"v": a}, "b": {"v": b}})
+    plain = build(prepare(pool, "r_tsvm"), Genome.from_values([1.0, 1.0]))["v"]
+    torch.testing.assert_close(plain, (a + b) / 2)
+    weighted = build(prepare(pool, "r_tsvm", {"weight_1d": True}), Genome.from_values([1.0, 1.0]))["v"]
+    torch.testing.assert_close(weighted, a)  # all the weight goes to the model with outliers
+
+
 def test_reference_agrees_on_vectors():
     pool = _pool(T1, T2, T3)
     g = Genome.from_values([1, 0.5, 2], [0.5, 0.5, 0.5])

@@ -81,6 +81,20 @@ def ties_kernel(
     out.copy_(base + scale * _consensus(ws, coeffs, normalize))
 
 
+def ties_masked_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    keep: torch.Tensor,
+    base: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+) -> None:
+    """TIES with explicit 0/1 keep masks ``(T, n)``: for ties cut in mergekit's sort order."""
+    ws = [torch.where(keep[k] > 0, taus[k] * coeffs[k], 0.0) for k in range(taus.shape[0])]
+    out.copy_(base + scale * _consensus(ws, coeffs, normalize))
+
+
 def dare_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
@@ -139,7 +153,7 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
     the same code eagerly.
     """
     global _FAILED
-    fn = {"ties": ties_kernel, "dare": dare_kernel}[name]
+    fn = {"ties": ties_kernel, "ties_masked": ties_masked_kernel, "dare": dare_kernel}[name]
     if not compiled or _FAILED:
         return fn
     if name not in _COMPILED:

@@ -35,22 +35,27 @@ class TopKQuery:
     """Exact top-K by magnitude: keep ``|x| >= t`` before flat index ``cut``, ``|x| > t`` after.
 
     With a stable descending sort, ties at ``t`` are kept in index order up to the K-th
-    element, whose index is ``cut - 1``; so one comparison pass split at ``cut``
-    reproduces mergekit's ``argsort(...)[:K]`` selection exactly.
+    element, whose index is ``cut - 1``; one comparison pass split at ``cut`` reproduces
+    ``argsort(..., stable=True)[:K]``. With mergekit's (unstable) sort order the kept
+    ties are not a prefix: then ``ties`` lists their flat indices and ``cut`` is 0.
     """
 
     keep: int
     threshold: float
     cut: int
+    ties: torch.Tensor | None = None
 
 
 class MagnitudeTable:
     """Answers "which K largest |x|" for any density without sorting again (mergekit TIES).
 
-    Built once from one stable argsort of ``|x|``. With ``grid=G`` densities snap to the
-    nearest ``g/G`` (``K = g*n // G``) and only ``G+1`` (threshold, cut) pairs are kept,
-    a few KB per tensor. With ``grid=None`` the int32 sort order is kept (4 bytes per
-    element) and any density is exact, with mergekit's ``K = max(1, int(d*n))``.
+    Built once from one argsort of ``|x|``. With ``grid=G`` densities snap to the nearest
+    ``g/G`` (``K = g*n // G``), the sort is stable (ties to the lowest index) and only
+    ``G+1`` (threshold, cut) pairs are kept, a few KB per tensor. With ``grid=None`` the
+    int32 sort order is kept (4 bytes per element), any density is exact with
+    mergekit's ``K = max(1, int(d*n))``, and the order is the one mergekit 0.1.5 gets
+    from ``torch.argsort(|x|.float(), descending=True)`` on CPU, so even ties at the
+    cut are resolved as mergekit resolves them.
     """
 
     def __init__(self, values: torch.Tensor, grid: int | None) -> None:
@@ -58,23 +63,47 @@ class MagnitudeTable:
         self.n = n = flat.numel()
         self.grid = grid
         self.values = flat  # a view of the cached task vector: no extra memory
-        order = torch.argsort(flat.abs().float(), descending=True, stable=True)
-        self.order: torch.Tensor | None = order.to(torch.int32) if grid is None else None
+        mags = flat.abs().float().cpu()
         if grid is None:
+            self.order: torch.Tensor | None = torch.argsort(mags, descending=True).to(torch.int32)
             return
+        self.order = None
+        order = torch.argsort(mags, descending=True, stable=True)
         self.rows = []
         for g in range(grid + 1):
             k = (g * n) // grid
             k = max(1, k) if g > 0 and n else k
-            self.rows.append(self._row(k, order))
+            self.rows.append(self._stable_row(k, order, mags))
 
-    def _row(self, k: int, order: torch.Tensor) -> TopKQuery:
+    def _stable_row(self, k: int, order: torch.Tensor, mags: torch.Tensor) -> TopKQuery:
         if k >= self.n:
             return TopKQuery(self.n, -math.inf, self.n)
         if k <= 0:
             return TopKQuery(0, math.inf, 0)
         i = int(order[k - 1])
-        return TopKQuery(k, float(self.values[i].abs()), i + 1)
+        return TopKQuery(k, float(mags[i]), i + 1)
+
+    def _order_row(self, k: int) -> TopKQuery:
+        """Query against the stored (mergekit) order: threshold, then which ties are in."""
+        assert self.order is not None
+        if k >= self.n:
+            return TopKQuery(self.n, -math.inf, self.n)
+        if k <= 0:
+            return TopKQuery(0, math.inf, 0)
+        mag = lambda pos: float(self.values[int(self.order[pos])].abs())  # noqa: E731
+        t = mag(k - 1)
+        lo, hi = 0, k - 1  # first position holding t (positions before it are > t)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if mag(mid) > t else (lo, mid)
+        first = lo
+        lo, hi = k - 1, self.n - 1  # last position holding t
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if mag(mid) == t else (lo, mid - 1)
+        if lo == k - 1:  # every tie is in: a plain >= comparison
+            return TopKQuery(k, t, self.n)
+        return TopKQuery(k, t, 0, self.order[first:k].to(torch.int64).to(self.values.device))
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +118,7 @@ class MagnitudeTable:
         if self.n == 0 or density >= 1:
             return TopKQuery(self.n, -math.inf, self.n)
         if self.order is not None:
-            return self._row(mergekit_keep_count(density, self.n), self.order)
+            return self._order_row(mergekit_keep_count(density, self.n))
         return self.rows[self.snap(density)]
 
 
@@ -135,6 +164,8 @@ def topk_keep(abs_values: torch.Tensor, q: TopKQuery, out: torch.Tensor) -> torc
         return out.fill_(0)
     torch.ge(abs_values[: q.cut], q.threshold, out=out[: q.cut])
     torch.gt(abs_values[q.cut :], q.threshold, out=out[q.cut :])
+    if q.ties is not None:
+        out.index_fill_(0, q.ties, 1)
     return out
 
 
@@ -159,34 +190,6 @@ def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
     lo = torch.tensor(key & 0xFFFFFFFF, device=out.device)
     hi = torch.tensor((key >> 32) & 0xFFFFFFFF, device=out.device)
     return out.copy_(hash_uniform(idx, lo, hi))
-
-
-# --------------------------------------------------------------------------- consensus
-def consensus_merge(
-    weighted: torch.Tensor, coeffs: torch.Tensor, normalize: bool, out: torch.Tensor, scratch: torch.Tensor, sign_buf: torch.Tensor
-) -> torch.Tensor:
-    """mergekit ``sum`` consensus on weighted deltas ``W`` of shape ``(T, n)``, into ``out``.
-
-    Elected sign ``s* = +1 if sum_k W_k >= 0 else -1``; keep entries whose sign equals
-    ``s*`` (zeros never agree); sum them; with ``normalize`` divide by the sum of the
-    agreeing coefficients (exact-zero divisor -> 1). ``copysign(1, S)`` gives ``s*``
-    directly: a sum is ``-0.0`` only when every term is a zero, and then nothing agrees
-    whichever sign is elected.
-    """
-    torch.sum(weighted, 0, out=out)
-    torch.copysign(_ONE.to(out.device), out, out=sign_buf)
-    torch.mul(weighted, sign_buf, out=scratch)  # s* W_k > 0 exactly where W_k agrees
-    scratch.clamp_(min=0)
-    torch.sum(scratch, 0, out=out).mul_(sign_buf)
-    if normalize:
-        scratch.sign_()  # 1 where agreeing, else 0
-        torch.mv(scratch.t(), coeffs, out=sign_buf)
-        sign_buf.add_(sign_buf == 0)  # exact-zero divisor -> 1
-        out.div_(sign_buf)
-    return out
-
-
-_ONE = torch.tensor(1.0)
 
 
 # --------------------------------------------------------------------------- TSVM

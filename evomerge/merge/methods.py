@@ -80,6 +80,7 @@ class RTsvmOptions(TsvmOptions):
     zero_tol: float = Field(0.0, ge=0.0)
     consensus: Literal["mean", "all_zero"] = "mean"
     order: Literal["orth_then_trunc", "trunc_then_orth"] = "orth_then_trunc"
+    weight_1d: bool = False  # 1-D tensors: outlier weights with the vector as one row (default: plain mean)
 
 
 # --------------------------------------------------------------------------- protocol
@@ -287,6 +288,8 @@ class Ties(_Base):
     def begin_build(self, states, candidates, groups, options, ws) -> Any:
         if options.variant != "original":
             return None
+        if len(candidates) > 1:
+            raise ConfigError("ties variant 'original' trims over the whole model: use a genome with one layer group")
         # Zero elected signs take the model-wide majority sign: a first pass sums sign(S).
         total = 0.0
         for state, g in zip(states, groups):
@@ -297,9 +300,17 @@ class Ties(_Base):
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if options.variant == "mergekit":
             queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
+            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+            if any(q.ties is not None for q in queries):  # exact mode, ties straddle the cut
+                t, n = state.taus.shape
+                keep = ws.get("keep", t * n).view(t, n)
+                absb = ws.get("abs", n)
+                for k, q in enumerate(queries):
+                    K.topk_keep(torch.abs(state.taus[k], out=absb), q, keep[k])
+                F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
+                return
             thr = torch.tensor([q.threshold for q in queries], dtype=torch.float32, device=base.device)
             cut = torch.tensor([q.cut for q in queries], dtype=torch.int64, device=base.device)
-            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
             F.run("ties", ws.compiled, dst, state.taus, base, thr, cut, cand.coeffs, scale, options.normalize)
             return
         # original variant: global thresholds and the model-wide majority sign (ctx)
@@ -485,12 +496,16 @@ class Tsvm(_Base):
     def weights(self, taus: list[torch.Tensor], options: Any) -> tuple[torch.Tensor | None, int | None]:
         return None, None
 
+    def vector_weights(self, taus: list[torch.Tensor], options: Any) -> torch.Tensor:
+        """Per-expert factor for non-matrix tensors: ``1/T`` (the mean)."""
+        return torch.full((len(taus),), 1.0 / len(taus), device=taus[0].device)
+
     def prepare_tensor(self, info, base, taus, options) -> TsvmState:
         t = len(taus)
         if not self.is_matrix(info.name, info.shape, t, options):
             if len(info.shape) == 2 and min(info.shape) // t == 0:
                 log.warning("%s: rank %d < %d tasks, TSVM falls back to the mean", info.name, min(info.shape), t)
-            return TsvmState(dense=_stack(taus) / t, shape=info.shape)
+            return TsvmState(dense=_stack(taus) * self.vector_weights(taus, options)[:, None], shape=info.shape)
         w, keep_rank = self.weights(taus, options)
         order = getattr(options, "order", "orth_then_trunc")
         f = K.tsvm_factors(taus, keep_rank, order, options.drop_null_directions)
@@ -539,3 +554,8 @@ class RTsvm(Tsvm):
     def weights(self, taus, options):
         cfg = self.settings(options)
         return K.outlier_weights(taus, cfg), K.sparsity_rank(taus, cfg)
+
+    def vector_weights(self, taus, options):
+        if not (options.weight_1d and taus[0].dim() == 1):
+            return super().vector_weights(taus, options)
+        return K.outlier_weights([t.reshape(1, -1) for t in taus], self.settings(options)).float().to(taus[0].device)

@@ -18,10 +18,11 @@ from evomerge.merge.genome import Genome
 from evomerge.merge.methods import RTsvm, Slerp, Tsvm, dare_rescale, get_method, parse_options
 
 
-def _argsort_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
+def _argsort_mask(x: torch.Tensor, keep: int, stable: bool) -> torch.Tensor:
+    """mergekit's selection: the first ``keep`` of a descending argsort of ``|x|``."""
     mask = torch.zeros(x.numel(), dtype=torch.bool)
     if keep > 0:
-        order = torch.argsort(x.abs().reshape(-1), descending=True, stable=True)
+        order = torch.argsort(x.abs().reshape(-1).float(), descending=True, stable=stable)
         mask[order[:keep]] = True
     return mask.view_as(x)
 
@@ -55,7 +56,10 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
             return mixed / (total if abs(total) >= 1e-8 else 1.0)
         return mixed + (total - 1.0) * base if method == "linear" else mixed
     if method == "ties" and opts.variant == "mergekit":
-        trimmed = torch.stack([t * _argsort_mask(t, _snapped_keep(dk, t.numel(), opts.density_grid)) for t, dk in zip(taus, d)])
+        stable = opts.density_grid is not None  # exact mode follows mergekit's (unstable) sort
+        trimmed = torch.stack(
+            [t * _argsort_mask(t, _snapped_keep(dk, t.numel(), opts.density_grid), stable) for t, dk in zip(taus, d)]
+        )
         return _consensus(cb * trimmed, c, opts.normalize)
     if method == "ties":  # original: global thresholds and majority come from ctx
         trimmed = torch.stack([t * (t.abs() >= thr) for t, thr in zip(taus, ctx["thresholds"])])
@@ -89,7 +93,8 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
         impl = get_method(method)
         assert isinstance(impl, Tsvm)
         if not impl.is_matrix(name, tuple(base.shape), len(taus), opts):
-            return (cb * stack).sum(0) / len(taus)
+            vw = impl.vector_weights(taus, opts).view(-1, *[1] * base.dim())
+            return (cb * vw * stack).sum(0)
         weights, keep_rank = impl.weights(taus, opts) if isinstance(impl, RTsvm) else (None, None)
         f = K.tsvm_factors(taus, keep_rank, getattr(opts, "order", "orth_then_trunc"), opts.drop_null_directions)
         assert f is not None
