@@ -122,9 +122,12 @@ def dare_kernel(
         m = torch.where(hash_uniform(idx, key_lo[k], key_hi[k]) < dens[k], x, 0.0)
         f = factors[k]
         if l1:
-            after = m.abs().sum()
-            ok = (l1_before[k] >= 1e-7) & (after >= 1e-7) & (dens[k] < 1) & (dens[k] > 0)
-            f = f * torch.where(ok, l1_before[k] / torch.where(ok, after, 1.0), 1.0)
+            # float64 accumulation: a compiled fp32 reduction over millions of small
+            # values drifts by about a percent; eager torch sums pairwise and does not
+            after = m.abs().sum(dtype=torch.float64)
+            before = l1_before[k].to(torch.float64)
+            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1) & (dens[k] > 0)
+            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
         ws.append(m * f)
     if ties:
         delta = _consensus(ws, coeffs, normalize)
