@@ -169,3 +169,18 @@ def test_mergekit_round_trip(micro_pool, method):
     assert g2.weights == genome.weights
     if method != "slerp" and method not in ("task_arithmetic",):
         assert g2.densities == genome.densities
+
+
+def test_layer_granularity_in_recipe(micro_pool, tmp_path):
+    data = _recipe(micro_pool, method="task_arithmetic")
+    data["genome"] = {"weights": {"a": [1.0, 0.0], "b": [0.0, 1.0]}, "scale": 1.0}
+    out = write_merged_model(MergeRecipe.from_dict(data), tmp_path / "m")
+    written = load_file(out / "model.safetensors")
+    ea = load_file(micro_pool["expert_a"] / "model.safetensors")
+    eb = load_file(micro_pool["expert_b"] / "model.safetensors")
+    name0, name1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(written[name0], ea[name0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(written[name1], eb[name1], atol=1e-6, rtol=0)
+    assert not (out / "mergekit_config.yml").exists()  # per-group genomes need mergekit slices
+    spec = MergeRecipe.from_dict(_recipe(micro_pool)).genome.model_copy(update={"layer_granularity": 1})
+    assert spec.to_genome(["a", "b"], num_layers=2).n_groups == 2

@@ -64,20 +64,19 @@ def ties_kernel(
     taus: torch.Tensor,
     base: torch.Tensor,
     thr: torch.Tensor,
-    cut: torch.Tensor,
     coeffs: torch.Tensor,
     scale: torch.Tensor,
     normalize: bool,
 ) -> None:
-    """``out = base + scale * TIES(taus)``; expert k keeps ``|x| >= thr_k`` before index ``cut_k``, ``> thr_k`` after."""
-    n = taus.shape[1]
-    idx = torch.arange(n, device=taus.device)
+    """``out = base + scale * TIES(taus)`` where expert k keeps ``|x| > thr_k``.
+
+    ``>=`` is expressed as ``> nextafter(t, -inf)`` by the caller, which also splits a
+    tensor at the tie cut indices, so the kernel needs no index arithmetic.
+    """
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k]
-        a = x.abs()
-        keep = (a > thr[k]) | ((a == thr[k]) & (idx < cut[k]))
-        ws.append(torch.where(keep, x * coeffs[k], 0.0))
+        ws.append(torch.where(x.abs() > thr[k], x * coeffs[k], 0.0))
     out.copy_(base + scale * _consensus(ws, coeffs, normalize))
 
 

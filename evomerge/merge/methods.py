@@ -309,9 +309,15 @@ class Ties(_Base):
                     K.topk_keep(torch.abs(state.taus[k], out=absb), q, keep[k])
                 F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
                 return
-            thr = torch.tensor([q.threshold for q in queries], dtype=torch.float32, device=base.device)
-            cut = torch.tensor([q.cut for q in queries], dtype=torch.int64, device=base.device)
-            F.run("ties", ws.compiled, dst, state.taus, base, thr, cut, cand.coeffs, scale, options.normalize)
+            # Expert k keeps |x| >= t_k before its cut index and |x| > t_k after; split the
+            # tensor at the cuts so each piece is one strict comparison per expert.
+            n = base.numel()
+            t_strict = torch.tensor([q.threshold for q in queries], dtype=torch.float32)
+            t_loose = torch.nextafter(t_strict, torch.tensor(-math.inf))  # x >= t  <=>  x > t_loose
+            bounds = sorted({0, n, *(q.cut for q in queries if 0 < q.cut < n)})
+            for lo, hi in zip(bounds, bounds[1:]):
+                thr = torch.where(torch.tensor([lo < q.cut for q in queries]), t_loose, t_strict).to(base.device)
+                F.run("ties", ws.compiled, dst[lo:hi], state.taus[:, lo:hi], base[lo:hi], thr, cand.coeffs, scale, options.normalize)
             return
         # original variant: global thresholds and the model-wide majority sign (ctx)
         t, n = state.taus.shape
