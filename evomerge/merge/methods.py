@@ -365,7 +365,8 @@ class _Dare(_Base):
         dev = stack.device
         lo = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
         hi = torch.tensor([(k >> 32) & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
-        l1 = torch.stack([torch.linalg.vector_norm(row, ord=1) for row in stack])
+        # float64 sums: torch's fp32 vector_norm(ord=1) is ~4% low on 25M-entry tensors
+        l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
         return DareState(stack, lo, hi, l1)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
@@ -406,7 +407,7 @@ def dare_rescale(mode: str, density: float, l1_before: float = 0.0, masked: torc
         return 1.0 / density
     if mode == "l1":
         assert masked is not None
-        after = float(torch.linalg.vector_norm(masked, ord=1))
+        after = float(masked.abs().sum(dtype=torch.float64))
         return 1.0 if l1_before < 1e-7 or after < 1e-7 else l1_before / after
     return 1.0
 

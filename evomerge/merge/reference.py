@@ -79,7 +79,7 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
                 u = K.keyed_uniform(K.tensor_key(opts.seed, ctx["experts"][k], name), torch.empty(t.numel()))
                 m = (u < dk).view_as(t)
             masked = t * m
-            rows.append(masked * dare_rescale(opts.rescale, dk, float(t.abs().sum()), masked))
+            rows.append(masked * dare_rescale(opts.rescale, dk, float(t.abs().sum(dtype=torch.float64)), masked))
         wt = cb * torch.stack(rows)
         if method == "dare_ties":
             return _consensus(wt, c, opts.normalize)
