@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default=None, help="where the random models go (default: a temp dir, removed)")
     ap.add_argument("--skip-yaml", action="store_true", help="skip the mergekit-yaml + reload timing")
+    ap.add_argument("--methods", nargs="*", default=["ties", "dare_ties"], help="which of ties, dare_ties to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     }
     results = {}
     for method, (opts, dens, mk_params) in configs.items():
+        if method not in args.methods:
+            continue
         genome = Genome.from_values(w, dens, 1.0, list(experts))
         t_prep, cache = timed(lambda: prepare(pool, method, opts, fused=True))
         t_first, _ = timed(lambda: build(cache, genome, out=model))
