@@ -131,7 +131,8 @@ def write_merged_model(
     except (OSError, ValueError) as exc:  # models without tokenizer files: tensors were already checked
         log.warning("could not compare tokenizers (%s); tensor names and shapes were checked", exc)
     g = resolve_genome(recipe, pool, genome)
-    cache = prepare(pool, recipe.method, recipe.options, device=device)
+    # one build only: compiling the fused kernels would cost more than it saves
+    cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     state = build(cache, g, dtype=dtype)
     mk_yaml, why_not = to_mergekit(recipe, g)
