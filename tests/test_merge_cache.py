@@ -167,3 +167,19 @@ def test_memory_estimate_refuses_with_formula():
     limit = dense.estimate.total - 1
     auto = prepare(pool, "tsvm", {"storage": "auto"}, memory_limit=limit)
     assert auto.options.storage == "factored" and auto.estimate.total <= limit
+
+
+def test_non_float_tensors_are_copied_from_the_base():
+    pool = random_pool(2)
+    pool.base_state["model.position_ids"] = torch.arange(10)
+    for e in pool.expert_states.values():
+        e["model.position_ids"] = torch.arange(10) * 7  # ignored: non-float tensors are not merged
+    out = build(prepare(pool, "ties"), Genome.from_values([0.5, 0.5], [0.5, 0.5]))
+    assert out["model.position_ids"].dtype == torch.int64
+    assert torch.equal(out["model.position_ids"], torch.arange(10))
+
+
+def test_genome_values_by_name_and_groups():
+    g = Genome.from_values({"b": 0.2, "a": 0.8}, {"a": [0.1, 0.2], "b": [0.3, 0.4]}, 1.5, ["a", "b"])
+    assert g.weights == ((0.8, 0.2), (0.8, 0.2)) and g.densities == ((0.1, 0.3), (0.2, 0.4)) and g.scale == 1.5
+    assert Genome.from_values(**{k: v for k, v in g.to_dict(["a", "b"]).items() if k != "scale"}, expert_names=["a", "b"]).weights == g.weights

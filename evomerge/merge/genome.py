@@ -125,6 +125,8 @@ class Genome:
             dens = _as_rows(d, len(rows[0]), "densities")
             if len(dens) == 1 and len(rows) > 1:
                 dens = dens * len(rows)
+            elif len(rows) == 1 and len(dens) > 1:  # one weight row shared by every group
+                rows = rows * len(dens)
         return cls(rows, dens, float(scale))
 
     def group_of_layer(self, layer: int, num_layers: int) -> int:
