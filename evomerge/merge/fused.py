@@ -36,8 +36,7 @@ def hash_uniform(idx: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) 
     Regenerated inside the kernel instead of stored; the same (seed, expert, tensor)
     key gives the same field on every build, so ``u < d`` masks nest across densities.
     """
-    x = _mix32((idx ^ key_lo) & _MASK32)
-    x = _mix32(x ^ key_hi)
+    x = _mix32(((idx + key_hi) ^ key_lo) & _MASK32)  # one round: the kernel is compute-bound on CPU
     return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
