@@ -75,3 +75,21 @@ def test_same_weights_as_mergekit(micro_pool, tmp_path, method, params, model_pa
     d_mk = torch.cat([(theirs[k] - base[k]).reshape(-1) for k in base])
     assert abs(float((d_ours != 0).float().mean()) - float((d_mk != 0).float().mean())) < 0.02
     assert float(d_ours.abs().mean()) == pytest.approx(float(d_mk.abs().mean()), rel=0.05)
+
+
+def test_slerp_matches_mergekit(micro_pool, tmp_path):
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": str(micro_pool["base"]),
+        "models": [{"model": str(micro_pool["base"])}, {"model": str(micro_pool["expert_a"])}],
+        "parameters": {"t": 0.35},
+        "dtype": "float32",
+    }
+    cfg_path = tmp_path / "cfg.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _mergekit_yaml(cfg_path, tmp_path / "mk")
+    write_merged_model(load_recipe(cfg_path), tmp_path / "ours")
+    theirs = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-6, rtol=1e-5)
