@@ -142,11 +142,18 @@ class MemoryEstimate:
     formula: str
 
     def describe(self) -> str:
-        gib = 1024**3
         return (
-            f"{self.total / gib:.2f} GiB = base {self.base / gib:.2f} GiB + method state {self.state / gib:.2f} GiB "
-            f"+ scratch {self.workspace / gib:.2f} GiB  [{self.formula}; P={self.params:,} parameters, T={self.n_experts}]"
+            f"{fmt_bytes(self.total)} = base {fmt_bytes(self.base)} + method state {fmt_bytes(self.state)} "
+            f"+ scratch {fmt_bytes(self.workspace)}  [{self.formula}; P={self.params:,} parameters, T={self.n_experts}]"
         )
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 def estimate_cache_bytes(
@@ -161,7 +168,7 @@ def estimate_cache_bytes(
     formula = {
         "task_arithmetic": "4*P + 4*T*P",
         "linear": "4*P + 4*T*P",
-        "ties": "4*P + 4*T*P + tables (grid: 40*(G+1) B per tensor per expert; exact: 4*T*P)",
+        "ties": "4*P + 4*T*P + tables (grid: 24*(G+1) B per tensor per expert; exact: 4*T*P)",
         "dare_linear": "4*P + 4*T*P",
         "dare_ties": "4*P + 4*T*P",
         "slerp": "4*P + 4*P",
@@ -308,7 +315,7 @@ def prepare(
             "ties": "use options.density_grid (tables of a few KB instead of a sorted copy), or fewer experts",
         }.get(method, "use fewer experts or a machine/device with more memory")
         raise CacheTooLargeError(
-            f"the '{method}' cache needs {est.describe()}, but only {limit / 1024**3:.2f} GiB is available "
+            f"the '{method}' cache needs {est.describe()}, but only {fmt_bytes(limit)} is available "
             f"on {device}; {hint}"
         )
     device = torch.device(device)
