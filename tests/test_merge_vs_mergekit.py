@@ -29,6 +29,15 @@ def _mergekit_yaml(cfg_path: Path, out: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def _merge_both(tmp_path: Path, cfg: dict) -> tuple[dict, dict]:
+    """(evomerge output, mergekit-yaml output) for one mergekit config."""
+    cfg_path = tmp_path / "cfg.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _mergekit_yaml(cfg_path, tmp_path / "mk")
+    write_merged_model(load_recipe(cfg_path), tmp_path / "ours")
+    return load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "mk" / "model.safetensors")
+
+
 @pytest.fixture(autouse=True)
 def _need_mergekit(monkeypatch):
     if not Path(MERGEKIT_PYTHON).exists():
@@ -59,12 +68,7 @@ def test_same_weights_as_mergekit(micro_pool, tmp_path, method, params, model_pa
     }
     if method == "linear":
         del cfg["base_model"]
-    cfg_path = tmp_path / "cfg.yml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    _mergekit_yaml(cfg_path, tmp_path / "mk")
-    write_merged_model(load_recipe(cfg_path), tmp_path / "ours")
-    theirs = load_file(tmp_path / "mk" / "model.safetensors")
-    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    ours, theirs = _merge_both(tmp_path, cfg)
     assert set(ours) == set(theirs)
     if method != "dare_ties":
         for name in theirs:
@@ -85,11 +89,6 @@ def test_slerp_matches_mergekit(micro_pool, tmp_path):
         "parameters": {"t": 0.35},
         "dtype": "float32",
     }
-    cfg_path = tmp_path / "cfg.yml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    _mergekit_yaml(cfg_path, tmp_path / "mk")
-    write_merged_model(load_recipe(cfg_path), tmp_path / "ours")
-    theirs = load_file(tmp_path / "mk" / "model.safetensors")
-    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    ours, theirs = _merge_both(tmp_path, cfg)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=2e-6, rtol=1e-5)
