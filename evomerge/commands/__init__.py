@@ -1,6 +1,7 @@
 """Subcommands of the ``evomerge`` CLI; each module exposes ``register(subparsers)``."""
 
+from evomerge.commands import merge as _merge
 from evomerge.commands import pool as _pool
 from evomerge.commands import zoo as _zoo
 
-COMMANDS = [_zoo.register, _pool.register]
+COMMANDS = [_zoo.register, _merge.register, _pool.register]

@@ -1,0 +1,76 @@
+"""Per-candidate build time, cached vs uncached, for every method; cached throughput as a
+fraction of a plain torch copy of the same bytes.
+
+    PYTHONPATH=. nice -n 19 python benchmarks/bench_build.py [--hidden 512 --layers 4 --experts 3 --threads 1]
+
+Bytes of one cached build = 4*P*(T+2) for TA-like methods (read base + T cached deltas,
+write the output), the same count used for the copy baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from benchmarks.common import copy_bandwidth, llama_shapes, random_states, timeit
+from evomerge.merge import Genome, StatePool, build, merge_uncached, prepare
+
+METHODS = {
+    "task_arithmetic": {},
+    "linear": {},
+    "ties": {},
+    "dare_linear": {},
+    "dare_ties": {},
+    "slerp": {},
+    "tsvm": {"storage": "dense"},
+    "tsvm (factored)": {"storage": "factored"},
+    "r_tsvm": {"storage": "dense"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--skip-uncached", nargs="*", default=[], help="methods whose uncached timing is skipped")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    copy_bps = copy_bandwidth(4 * params * (args.experts + 2))
+    print(f"pool: P={params / 1e6:.1f}M params per model, T={args.experts} experts, threads={args.threads}")
+    print(f"plain torch copy: {copy_bps / 1e9:.2f} GB/s (read+write)")
+    print(f"{'method':18s} {'cached s':>9s} {'uncached s':>11s} {'speedup':>8s} {'GB/s':>7s} {'vs copy':>8s}")
+    rng = random.Random(0)
+    for label in args.methods:
+        method = label.split(" ")[0]
+        t = 1 if method == "slerp" else args.experts
+        base, experts = random_states(shapes, t)
+        pool = StatePool(base, experts, num_layers=args.layers)
+        cache = prepare(pool, method, METHODS[label])
+        out = {n: torch.empty(s) for n, s in shapes.items()}
+        genomes = [Genome.from_values([rng.uniform(0.2, 1) for _ in range(t)], [rng.uniform(0.2, 0.9) for _ in range(t)], 1.0) for _ in range(8)]
+        it = iter(genomes * 100)
+        cached = timeit(lambda: build(cache, next(it), out=out), repeats=args.repeats)
+        moved = 4 * params * (t + 2)
+        if method in args.skip_uncached:
+            uncached = float("nan")
+        else:
+            uncached = timeit(lambda: merge_uncached(pool, method, METHODS[label], genomes[0]), repeats=1, warmup=0)
+        print(
+            f"{label:18s} {cached:9.3f} {uncached:11.3f} {uncached / cached:7.1f}x {moved / cached / 1e9:7.2f} {moved / cached / copy_bps:7.0%}",
+            flush=True,
+        )
+        del cache, pool, base, experts, out
+
+
+if __name__ == "__main__":
+    main()

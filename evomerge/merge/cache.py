@@ -1,0 +1,391 @@
+"""prepare / build: the genome-independent work once, then cheap in-place candidates.
+
+``prepare(pool, method, options)`` streams the task vectors once and keeps, per tensor,
+the base (float32) and the method's state. ``build(cache, genome, out=model)`` writes a
+candidate straight into a live model's parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.fused import fused_enabled
+from evomerge.merge.genome import Genome
+from evomerge.merge.methods import Candidate, MergeMethod, MethodOptions, TensorInfo, get_method, parse_options
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+PRE, POST = -1, -2  # embeddings use the first layer group; final norm and lm_head the last
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CacheTooLargeError(EvomergeError):
+    """The merge cache would not fit in the memory available."""
+
+
+class MergeBuildError(EvomergeError):
+    """A genome or output model does not match the cache."""
+
+
+# --------------------------------------------------------------------------- sources
+class StatePool:
+    """A pool held as in-memory state dicts: for tests, notebooks and benchmarks.
+
+    Same interface as :class:`evomerge.pool.Pool` as far as ``prepare`` is concerned.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]], num_layers: int | None = None):
+        self.base_state = dict(base)
+        self.expert_states = {k: dict(v) for k, v in experts.items()}
+        self.num_layers = num_layers
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.expert_states)
+
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {n: (tuple(t.shape), t.dtype) for n, t in self.base_state.items()}
+
+    def iter_task_vectors(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        for name in names if names is not None else list(self.base_state):
+            base = self.base_state[name].to(torch.float32)
+            yield name, base, [e[name].to(torch.float32) - base for e in self.expert_states.values()]
+
+    def get_base(self, name: str) -> torch.Tensor:
+        return self.base_state[name]
+
+
+def _specs(pool: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if hasattr(pool, "tensor_specs"):
+        return pool.tensor_specs()
+    from safetensors import safe_open
+
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    kind, _ = pool.base._weights
+    for name, path in pool.base._tensor_files.items():
+        if kind != "safetensors":
+            t = pool.base.get_tensor(name)
+            specs[name] = (tuple(t.shape), t.dtype)
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            sl = handle.get_slice(name)
+            specs[name] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
+    return specs
+
+
+def _num_layers(pool: Any, names: Sequence[str]) -> int:
+    n = getattr(pool, "num_layers", None)
+    if n is None and hasattr(pool, "base") and hasattr(pool.base, "config"):
+        n = getattr(pool.base.config, "num_hidden_layers", None)
+    found = [int(m.group(1)) for m in map(_LAYER.search, names) if m]
+    return int(n) if n else (max(found) + 1 if found else 1)
+
+
+def layer_of(name: str) -> int:
+    m = _LAYER.search(name)
+    if m:
+        return int(m.group(1))
+    return PRE if "embed" in name else POST
+
+
+# --------------------------------------------------------------------------- workspace
+class Workspace:
+    """Named scratch buffers that grow to the largest tensor once and are then reused."""
+
+    def __init__(self, device: torch.device | str = "cpu", compiled: bool = False) -> None:
+        self.device = torch.device(device)
+        self.compiled = compiled
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[(name, dtype)] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+# --------------------------------------------------------------------------- memory estimate
+@dataclass
+class MemoryEstimate:
+    """Bytes the cache will hold, with the formula that produced them."""
+
+    total: int
+    base: int
+    state: int
+    workspace: int
+    params: int
+    n_experts: int
+    formula: str
+
+    def describe(self) -> str:
+        return (
+            f"{fmt_bytes(self.total)} = base {fmt_bytes(self.base)} + method state {fmt_bytes(self.state)} "
+            f"+ scratch {fmt_bytes(self.workspace)}  [{self.formula}; P={self.params:,} parameters, T={self.n_experts}]"
+        )
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def estimate_cache_bytes(
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], n_experts: int, method: str, options: MethodOptions
+) -> MemoryEstimate:
+    impl = get_method(method)
+    float_specs = [(n, s) for n, (s, d) in specs.items() if d.is_floating_point]
+    params = sum(math.prod(s) for _, s in float_specs)
+    max_numel = max((math.prod(s) for _, s in float_specs), default=0)
+    state = sum(impl.state_bytes(s, n_experts, options) for _, s in float_specs)
+    workspace = 4 * max_numel * (3 * n_experts + 3)
+    formula = {
+        "task_arithmetic": "4*P + 4*T*P",
+        "linear": "4*P + 4*T*P",
+        "ties": "4*P + 4*T*P + tables (grid: 24*(G+1) B per tensor per expert; exact: 4*T*P)",
+        "dare_linear": "4*P + 4*T*P",
+        "dare_ties": "4*P + 4*T*P",
+        "slerp": "4*P + 4*P",
+        "tsvm": "4*P + dense 4*T*P | factored 4*(m+n)*T*(min(m,n)//T) per matrix",
+        "r_tsvm": "4*P + dense 4*T*P | factored 4*(m+n)*T*(min(m,n)//T) per matrix",
+    }.get(method, "4*P + state") + f" + scratch 4*(3T+3)*max_numel"
+    return MemoryEstimate(4 * params + state + workspace, 4 * params, state, workspace, params, n_experts, formula)
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Free memory on ``device``: CUDA free memory, or Linux MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown platform: do not block
+
+
+# --------------------------------------------------------------------------- cache
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # storage dtype of the base (output dtype when writing a folder)
+    layer: int
+    base: torch.Tensor  # flat float32 (or the raw tensor for non-float passthrough)
+    state: Any = None
+
+
+@dataclass
+class MergeCache:
+    """Everything genome-independent for one (pool, method, options)."""
+
+    method: str
+    options: MethodOptions
+    expert_names: list[str]
+    num_layers: int
+    plans: list[TensorPlan]
+    passthrough: list[TensorPlan]
+    device: torch.device
+    estimate: MemoryEstimate
+    workspace: Workspace = field(init=False)
+    _bound: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.workspace = Workspace(self.device)
+
+    @property
+    def impl(self) -> MergeMethod:
+        return get_method(self.method)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held (tensors in states and bases), excluding scratch."""
+        seen: set[int] = set()
+
+        def size(obj: Any) -> int:
+            if isinstance(obj, torch.Tensor):
+                if id(obj) in seen:
+                    return 0
+                seen.add(id(obj))
+                return obj.numel() * obj.element_size()
+            if type(obj).__name__ in ("MagnitudeTable", "ThresholdTable"):
+                return obj.nbytes
+            if hasattr(obj, "__dict__"):
+                return sum(size(v) for v in vars(obj).values())
+            if isinstance(obj, (list, tuple)):
+                return sum(size(v) for v in obj)
+            return 0
+
+        return sum(size(p.base) + size(p.state) for p in self.plans)
+
+    def group_of(self, plan: TensorPlan, n_groups: int) -> int:
+        if plan.layer == PRE:
+            return 0
+        if plan.layer == POST:
+            return n_groups - 1
+        return min(n_groups - 1, plan.layer * n_groups // self.num_layers)
+
+    def candidates(self, genome: Genome) -> list[Candidate]:
+        if genome.n_experts != self.n_experts:
+            raise MergeBuildError(
+                f"genome has {genome.n_experts} experts per group, the cache has {self.n_experts} ({self.expert_names})"
+            )
+        if genome.n_groups > self.num_layers:
+            raise MergeBuildError(f"genome has {genome.n_groups} layer groups but the model has {self.num_layers} layers")
+        if self.impl.uses_density and genome.densities is None:
+            raise MergeBuildError(f"method '{self.method}' needs densities in the genome")
+        out = []
+        for g, weights in enumerate(genome.weights):
+            dens = list(genome.densities[g]) if genome.densities is not None else [1.0] * len(weights)
+            coeffs = torch.tensor(weights, dtype=torch.float32, device=self.device)
+            out.append(Candidate(coeffs, list(weights), dens, float(genome.scale)))
+        return out
+
+
+def _check_experts(impl: MergeMethod, method: str, n: int) -> None:
+    if n < impl.min_experts or (impl.max_experts is not None and n > impl.max_experts):
+        want = f"exactly {impl.max_experts}" if impl.max_experts == impl.min_experts else f"at least {impl.min_experts}"
+        raise EvomergeError(f"method '{method}' needs {want} expert(s) besides the base, got {n}")
+
+
+def prepare(
+    pool: Any,
+    method: str,
+    options: MethodOptions | Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    memory_limit: int | None = None,
+    fused: bool | None = None,
+) -> MergeCache:
+    """Do every genome-independent step once and return the cache ``build`` reads.
+
+    ``pool`` is an :class:`evomerge.pool.Pool` or a :class:`StatePool`. The cache size
+    is estimated from the shapes first; if it exceeds ``memory_limit`` (default: the
+    memory available on ``device``) a :class:`CacheTooLargeError` says by how much.
+    ``fused`` (default: on unless ``EVOMERGE_FUSED=0``) compiles the TIES/DARE build
+    kernels with ``torch.compile`` once per process (seconds), falling back to eager.
+    """
+    impl = get_method(method)
+    opts = parse_options(method, options)
+    names = list(pool.expert_names)
+    _check_experts(impl, method, len(names))
+    specs = _specs(pool)
+    est = estimate_cache_bytes(specs, len(names), method, opts)
+    limit = available_bytes(device) if memory_limit is None else memory_limit
+    if method in ("tsvm", "r_tsvm") and opts.storage == "auto":  # type: ignore[attr-defined]
+        storage = "dense" if est.total <= limit else "factored"
+        opts = opts.model_copy(update={"storage": storage})
+        est = estimate_cache_bytes(specs, len(names), method, opts)
+    if est.total > limit:
+        hint = {
+            "tsvm": "use options.storage: factored, or fewer experts",
+            "r_tsvm": "use options.storage: factored, or fewer experts",
+            "ties": "use options.density_grid (tables of a few KB instead of a sorted copy), or fewer experts",
+        }.get(method, "use fewer experts or a machine/device with more memory")
+        raise CacheTooLargeError(
+            f"the '{method}' cache needs {est.describe()}, but only {fmt_bytes(limit)} is available "
+            f"on {device}; {hint}"
+        )
+    device = torch.device(device)
+    plans: list[TensorPlan] = []
+    passthrough: list[TensorPlan] = []
+    float_names = [n for n, (_, d) in specs.items() if d.is_floating_point]
+    for name, (shape, dtype) in specs.items():
+        if not dtype.is_floating_point:
+            raw = pool.get_base(name) if hasattr(pool, "get_base") else pool.base.get_tensor(name)
+            passthrough.append(TensorPlan(name, shape, dtype, layer_of(name), raw.to(device)))
+    with torch.no_grad():
+        for name, base, taus in pool.iter_task_vectors(float_names):
+            shape, dtype = specs[name]
+            info = TensorInfo(name, tuple(shape), names)
+            state = impl.prepare_tensor(info, base.to(device), [t.to(device) for t in taus], opts)
+            plans.append(TensorPlan(name, tuple(shape), dtype, layer_of(name), base.reshape(-1).to(device).contiguous(), state))
+        impl.finalize([p.state for p in plans], opts)
+    cache = MergeCache(method, opts, names, _num_layers(pool, list(specs)), plans, passthrough, device, est)
+    cache.workspace.compiled = fused_enabled(fused)
+    return cache
+
+
+def _targets(cache: MergeCache, out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Destination tensors for the cache's plans and passthrough tensors, resolved once per model."""
+    bound = cache._bound.get(id(out))  # only modules are memoised: their parameters do not move
+    if bound is not None and bound[0] is out:
+        return bound[1], bound[2]
+    if isinstance(out, torch.nn.Module):
+        table = dict(out.named_parameters(remove_duplicate=False))
+        table.update(dict(out.named_buffers(remove_duplicate=False)))
+    else:
+        table = out
+    dests: list[list[torch.Tensor]] = [[], []]
+    for i, plans in enumerate((cache.plans, cache.passthrough)):
+        for plan in plans:
+            t = table.get(plan.name)
+            if t is None:
+                raise MergeBuildError(f"output model has no tensor '{plan.name}' (the pool's base has it)")
+            if tuple(t.shape) != plan.shape:
+                raise MergeBuildError(f"tensor '{plan.name}': output has shape {list(t.shape)}, pool has {list(plan.shape)}")
+            dests[i].append(t.data if isinstance(t, torch.nn.Parameter) else t)
+    if isinstance(out, torch.nn.Module):
+        cache._bound = {id(out): (out, dests[0], dests[1])}
+    return dests[0], dests[1]
+
+
+def build(cache: MergeCache, genome: Genome, out: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """Write the candidate ``genome`` into ``out`` in place and return it.
+
+    ``out`` is a live model (``nn.Module``; names as in the checkpoint) or a dict of
+    tensors; ``None`` allocates a fresh state dict (in the base's dtype, or ``dtype``).
+    Float32 contiguous parameters are written directly; others go through one scratch
+    buffer and a ``copy_`` (cast).
+    """
+    if out is None:
+        out = {
+            p.name: torch.empty(p.shape, dtype=dtype or p.dtype, device=cache.device) for p in cache.plans
+        } | {p.name: torch.empty(p.shape, dtype=p.dtype, device=cache.device) for p in cache.passthrough}
+    dests, pass_dests = _targets(cache, out)
+    cands = cache.candidates(genome)
+    groups = [cache.group_of(p, genome.n_groups) for p in cache.plans]
+    impl, opts, ws = cache.impl, cache.options, cache.workspace
+    with torch.no_grad():
+        ctx = impl.begin_build([p.state for p in cache.plans], cands, groups, opts, ws)
+        for plan, dst, g in zip(cache.plans, dests, groups):
+            direct = dst.dtype == torch.float32 and dst.is_contiguous() and dst.device == cache.device
+            flat = dst.view(-1) if direct else ws.get("out", plan.base.numel())
+            impl.build_tensor(plan.state, plan.base, cands[g], flat, ws, opts, ctx)
+            if not direct:
+                dst.copy_(flat.view(plan.shape))
+        for plan, dst in zip(cache.passthrough, pass_dests):
+            dst.copy_(plan.base)
+    return out

@@ -1,0 +1,174 @@
+"""Fused single-pass kernels for the candidate-dependent part of TIES and DARE.
+
+Eager TIES/DARE need a dozen passes over ``(T, n)`` per tensor; written with the
+expert axis unrolled, every step is pointwise over ``n`` and ``torch.compile``
+(inductor: C++ on CPU, Triton on GPU) fuses them into one loop that reads the cached
+task vectors and the base once and writes the output once. The same functions run
+eagerly when compilation is off or unavailable, with identical results (the DARE
+uniform field is an integer hash, bit-identical in both modes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """32-bit integer finaliser (xorshift-multiply); int64 lanes, products stay below 2**63."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(idx: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
+    """U[0,1) with 24-bit resolution from (key, flat index): a counter-based RNG.
+
+    Regenerated inside the kernel instead of stored; the same (seed, expert, tensor)
+    key gives the same field on every build, so ``u < d`` masks nest across densities.
+    """
+    x = _mix32(((idx + key_hi) ^ key_lo) & _MASK32)  # one round: the kernel is compute-bound on CPU
+    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def _consensus(ws: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool) -> torch.Tensor:
+    s = ws[0]
+    for w in ws[1:]:
+        s = s + w
+    sgn = torch.where(s >= 0, 1.0, -1.0)
+    num = torch.zeros_like(s)
+    den = torch.zeros_like(s)
+    for k, w in enumerate(ws):
+        p = (w * sgn).clamp(min=0)  # > 0 exactly where w agrees with the elected sign
+        num = num + p
+        if normalize:
+            den = den + torch.where(p > 0, coeffs[k], 0.0)
+    num = num * sgn
+    if normalize:
+        num = num / torch.where(den == 0, 1.0, den)
+    return num
+
+
+def ties_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    thr: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+) -> None:
+    """``out = base + scale * TIES(taus)`` where expert k keeps ``|x| > thr_k``.
+
+    ``>=`` is expressed as ``> nextafter(t, -inf)`` by the caller, which also splits a
+    tensor at the tie cut indices, so the kernel needs no index arithmetic.
+    """
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k]
+        ws.append(torch.where(x.abs() > thr[k], x * coeffs[k], 0.0))
+    out.copy_(base + scale * _consensus(ws, coeffs, normalize))
+
+
+def ties_masked_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    keep: torch.Tensor,
+    base: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+) -> None:
+    """TIES with explicit 0/1 keep masks ``(T, n)``: for ties cut in mergekit's sort order."""
+    ws = [torch.where(keep[k] > 0, taus[k] * coeffs[k], 0.0) for k in range(taus.shape[0])]
+    out.copy_(base + scale * _consensus(ws, coeffs, normalize))
+
+
+def dare_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    key_lo: torch.Tensor,
+    key_hi: torch.Tensor,
+    dens: torch.Tensor,
+    factors: torch.Tensor,
+    coeffs: torch.Tensor,
+    l1_before: torch.Tensor,
+    scale: torch.Tensor,
+    ties: bool,
+    normalize: bool,
+    l1: bool,
+) -> None:
+    """``out = base + scale * DARE(taus)``: keep ``u < d_k``, scale by ``factors_k`` (``c_k``
+    times the rescale; with ``l1`` the L1-matching ratio is computed here), then sum or
+    TIES consensus. ``normalize`` for dare_linear is folded into ``factors`` by the caller.
+    """
+    n = taus.shape[1]
+    idx = torch.arange(n, device=taus.device)
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k]
+        m = torch.where(hash_uniform(idx, key_lo[k], key_hi[k]) < dens[k], x, 0.0)
+        f = factors[k]
+        if l1:
+            # float64 accumulation: a compiled fp32 reduction over millions of small
+            # values drifts by about a percent; eager torch sums pairwise and does not
+            after = m.abs().sum(dtype=torch.float64)
+            before = l1_before[k].to(torch.float64)
+            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1) & (dens[k] > 0)
+            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+        ws.append(m * f)
+    if ties:
+        delta = _consensus(ws, coeffs, normalize)
+    else:
+        delta = ws[0]
+        for w in ws[1:]:
+            delta = delta + w
+    out.copy_(base + scale * delta)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+_FAILED = False
+
+
+def fused_enabled(requested: bool | None) -> bool:
+    """Fusion on unless ``requested`` is False or ``EVOMERGE_FUSED=0``."""
+    if requested is not None:
+        return requested
+    return os.environ.get("EVOMERGE_FUSED", "1") != "0"
+
+
+def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
+    """The kernel, compiled once per process (dynamic shapes) when ``compiled``.
+
+    If compilation fails (no C++ compiler, unsupported device) we log once and run
+    the same code eagerly.
+    """
+    global _FAILED
+    fn = {"ties": ties_kernel, "ties_masked": ties_masked_kernel, "dare": dare_kernel}[name]
+    if not compiled or _FAILED:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+def run(name: str, compiled: bool, *args: Any) -> None:
+    global _FAILED
+    try:
+        get_kernel(name, compiled)(*args)
+    except Exception as exc:  # inductor raises many types; the eager path is always valid
+        if not compiled or _FAILED:
+            raise
+        _FAILED = True
+        log.warning("torch.compile of the %s kernel failed (%s); using eager kernels", name, str(exc).splitlines()[0][:200])
+        get_kernel(name, False)(*args)

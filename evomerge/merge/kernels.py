@@ -1,0 +1,328 @@
+"""Tensor-level building blocks shared by the merge methods.
+
+Kept free of pools, caches and genomes so each block can be tested on hand tensors
+(section 7 of the research notes) and reused by both the cached and the uncached path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- top-k tables
+def mergekit_keep_count(density: float, n: int) -> int:
+    """mergekit 0.1.5 ``magnitude``: keep ``max(1, int(d*n))``; d <= 0 keeps none, d >= 1 all.
+
+    ``int(d*n)`` is a float product then a truncation, so ``int(0.29*100) == 28``; we
+    replicate it for parity.
+    """
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+@dataclass
+class TopKQuery:
+    """Exact top-K by magnitude: keep ``|x| >= t`` before flat index ``cut``, ``|x| > t`` after.
+
+    With a stable descending sort, ties at ``t`` are kept in index order up to the K-th
+    element, whose index is ``cut - 1``; one comparison pass split at ``cut`` reproduces
+    ``argsort(..., stable=True)[:K]``. With mergekit's (unstable) sort order the kept
+    ties are not a prefix: then ``ties`` lists their flat indices and ``cut`` is 0.
+    """
+
+    keep: int
+    threshold: float
+    cut: int
+    ties: torch.Tensor | None = None
+
+
+class MagnitudeTable:
+    """Answers "which K largest |x|" for any density without sorting again (mergekit TIES).
+
+    Built once from one argsort of ``|x|``. With ``grid=G`` densities snap to the nearest
+    ``g/G`` (``K = g*n // G``), the sort is stable (ties to the lowest index) and only
+    ``G+1`` (threshold, cut) pairs are kept, a few KB per tensor. With ``grid=None`` the
+    int32 sort order is kept (4 bytes per element), any density is exact with
+    mergekit's ``K = max(1, int(d*n))``, and the order is the one mergekit 0.1.5 gets
+    from ``torch.argsort(|x|.float(), descending=True)`` on CPU, so even ties at the
+    cut are resolved as mergekit resolves them.
+    """
+
+    def __init__(self, values: torch.Tensor, grid: int | None) -> None:
+        flat = values.reshape(-1)
+        self.n = n = flat.numel()
+        self.grid = grid
+        self.values = flat  # a view of the cached task vector: no extra memory
+        mags = flat.abs().float().cpu()
+        if grid is None:
+            self.order: torch.Tensor | None = torch.argsort(mags, descending=True).to(torch.int32)
+            return
+        self.order = None
+        order = torch.argsort(mags, descending=True, stable=True)
+        self.rows = []
+        for g in range(grid + 1):
+            k = (g * n) // grid
+            k = max(1, k) if g > 0 and n else k
+            self.rows.append(self._stable_row(k, order, mags))
+
+    def _stable_row(self, k: int, order: torch.Tensor, mags: torch.Tensor) -> TopKQuery:
+        if k >= self.n:
+            return TopKQuery(self.n, -math.inf, self.n)
+        if k <= 0:
+            return TopKQuery(0, math.inf, 0)
+        i = int(order[k - 1])
+        return TopKQuery(k, float(mags[i]), i + 1)
+
+    def _order_row(self, k: int) -> TopKQuery:
+        """Query against the stored (mergekit) order: threshold, then which ties are in."""
+        assert self.order is not None
+        if k >= self.n:
+            return TopKQuery(self.n, -math.inf, self.n)
+        if k <= 0:
+            return TopKQuery(0, math.inf, 0)
+        mag = lambda pos: float(self.values[int(self.order[pos])].abs())  # noqa: E731
+        t = mag(k - 1)
+        lo, hi = 0, k - 1  # first position holding t (positions before it are > t)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if mag(mid) > t else (lo, mid)
+        first = lo
+        lo, hi = k - 1, self.n - 1  # last position holding t
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if mag(mid) == t else (lo, mid - 1)
+        if lo == k - 1:  # every tie is in: a plain >= comparison
+            return TopKQuery(k, t, self.n)
+        return TopKQuery(k, t, 0, self.order[first:k].to(torch.int64).to(self.values.device))
+
+    @property
+    def nbytes(self) -> int:
+        return self.order.numel() * 4 if self.order is not None else 24 * ((self.grid or 0) + 1)
+
+    def snap(self, density: float) -> int:
+        """Grid level of ``density`` (nearest, clamped to ``[0, G]``)."""
+        assert self.grid is not None
+        return min(self.grid, max(0, round(density * self.grid)))
+
+    def query(self, density: float) -> TopKQuery:
+        if self.n == 0 or density >= 1:
+            return TopKQuery(self.n, -math.inf, self.n)
+        if self.order is not None:
+            return self._order_row(mergekit_keep_count(density, self.n))
+        return self.rows[self.snap(density)]
+
+
+class ThresholdTable:
+    """Original-TIES trim over a whole model: keep ``|x| >= kthvalue(n - int(n*d))``.
+
+    That keeps ``int(n*d) + 1`` entries plus every tie (one more than mergekit's K).
+    Exact mode keeps the ascending sorted magnitudes (4 B per element); grid mode keeps
+    ``G+1`` thresholds.
+    """
+
+    def __init__(self, magnitudes: torch.Tensor, grid: int | None) -> None:
+        asc = torch.sort(magnitudes.reshape(-1).float()).values
+        self.n = n = asc.numel()
+        self.grid = grid
+        self.asc: torch.Tensor | None = asc if grid is None else None
+        if grid is not None:
+            ks = [n - (g * n) // grid for g in range(grid + 1)]
+            self.table = [float(asc[k - 1]) if k >= 1 else -math.inf for k in ks]
+
+    @property
+    def nbytes(self) -> int:
+        return self.asc.numel() * 4 if self.asc is not None else 8 * ((self.grid or 0) + 1)
+
+    def threshold(self, density: float) -> float:
+        if density >= 1 or self.n == 0:
+            return -math.inf
+        if self.asc is not None:
+            k = self.n - int(self.n * density)
+            return float(self.asc[k - 1]) if k >= 1 else -math.inf
+        return self.table[min(self.grid, max(0, round(density * self.grid)))]  # type: ignore[type-var]
+
+
+def topk_keep(abs_values: torch.Tensor, q: TopKQuery, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = 1 where an entry is among the ``q.keep`` largest magnitudes, else 0.
+
+    One comparison pass, split at ``q.cut`` (see :class:`TopKQuery`). ``out`` may be
+    float (a 0/1 mask: much faster than bool masks in the multiplies on CPU) or bool.
+    """
+    if q.keep >= abs_values.numel():
+        return out.fill_(1)
+    if q.keep <= 0:
+        return out.fill_(0)
+    torch.ge(abs_values[: q.cut], q.threshold, out=out[: q.cut])
+    torch.gt(abs_values[q.cut :], q.threshold, out=out[q.cut :])
+    if q.ties is not None:
+        out.index_fill_(0, q.ties, 1)
+    return out
+
+
+def topk_mask(values: torch.Tensor, density: float, grid: int | None = None) -> torch.Tensor:
+    """Boolean keep-mask of the top-K magnitudes at ``density`` (convenience for tests and tools)."""
+    keep = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
+    return topk_keep(values.reshape(-1).abs(), MagnitudeTable(values, grid).query(density), keep).view(values.shape)
+
+
+# --------------------------------------------------------------------------- DARE
+def tensor_key(seed: int, expert: str, tensor: str) -> int:
+    """Stable 63-bit RNG key for (seed, expert, tensor): same mask on every build."""
+    digest = hashlib.sha256(f"{seed}\x00{expert}\x00{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill flat ``out`` with the U[0,1) field of ``key`` (same hash as the fused DARE kernel)."""
+    from evomerge.merge.fused import hash_uniform
+
+    idx = torch.arange(out.numel(), device=out.device)
+    lo = torch.tensor(key & 0xFFFFFFFF, device=out.device)
+    hi = torch.tensor((key >> 32) & 0xFFFFFFFF, device=out.device)
+    return out.copy_(hash_uniform(idx, lo, hi))
+
+
+# --------------------------------------------------------------------------- TSVM
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """Nearest matrix with orthonormal columns (or rows): ``P Q^T`` from ``A = P S Q^T``."""
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+@dataclass
+class TsvmFactors:
+    """``Delta(c) = U[:, B_k] diag(s_k) Vh[B_k, :]`` summed with weights ``c_k``; block k = rows k*rank..."""
+
+    us: torch.Tensor  # (m, T*rank): U_perp with each column scaled by its singular value
+    vh: torch.Tensor  # (T*rank, n)
+    rank: int  # per-task block width actually used (k or k_l)
+
+    def dense(self, n_experts: int) -> torch.Tensor:
+        """Transformed task vectors ``M_k`` stacked as ``(T, m*n)``."""
+        r = self.rank
+        return torch.stack(
+            [(self.us[:, k * r : (k + 1) * r] @ self.vh[k * r : (k + 1) * r]).reshape(-1) for k in range(n_experts)]
+        )
+
+
+def tsvm_factors(
+    taus: list[torch.Tensor],
+    keep_rank: int | None = None,
+    order: str = "orth_then_trunc",
+    drop_null_directions: bool = False,
+    rtol: float = 1e-6,
+) -> TsvmFactors | None:
+    """TSVM transform of one 2-D tensor (notes section 4.1), computed in float32.
+
+    Per-task rank ``k0 = min(m, n) // T``; concatenate the top-``k0`` singular triplets,
+    replace ``U_cat`` and ``Vh_cat`` by their polar factors. ``keep_rank`` (R-TSVM's
+    ``k_l <= k0``) keeps only the leading directions of each block, either after the
+    orthogonalisation (``orth_then_trunc``) or before it (``trunc_then_orth``).
+    Returns ``None`` when ``k0 == 0`` (more tasks than the rank): callers fall back to
+    the mean.
+    """
+    t = len(taus)
+    m, n = taus[0].shape
+    k0 = min(m, n) // t
+    if k0 == 0:
+        return None
+    kl = k0 if keep_rank is None else max(1, min(k0, keep_rank))
+    first = kl if order == "trunc_then_orth" else k0
+    us, ss, vhs = [], [], []
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(tau.float(), full_matrices=False)
+        u, s, vh = u[:, :first], s[:first], vh[:first]
+        if drop_null_directions:
+            # Null directions are arbitrary and would bend other tasks' directions.
+            live = s > rtol * (s[0] if s.numel() else 0)
+            u, s, vh = u * live, s * live, vh * live[:, None]
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    if drop_null_directions:
+        keep = torch.cat([s > 0 for s in ss])
+        u_cat, vh_cat = torch.cat(us, 1)[:, keep], torch.cat(vhs, 0)[keep]
+        u_perp = polar(u_cat) if keep.any() else u_cat
+        vh_perp = polar(vh_cat.t()).t() if keep.any() else vh_cat
+        full_u = torch.zeros(m, t * first)
+        full_v = torch.zeros(t * first, n)
+        full_u[:, keep] = u_perp
+        full_v[keep] = vh_perp
+        u_perp, vh_perp = full_u, full_v
+    else:
+        u_perp = polar(torch.cat(us, 1))
+        vh_perp = polar(torch.cat(vhs, 0).t()).t()
+    s_cat = torch.cat(ss)
+    if kl < first:  # orth_then_trunc: keep the leading kl columns of every block
+        idx = torch.cat([torch.arange(k * first, k * first + kl) for k in range(t)])
+        u_perp, vh_perp, s_cat = u_perp[:, idx], vh_perp[idx], s_cat[idx]
+    return TsvmFactors(us=u_perp * s_cat, vh=vh_perp.contiguous(), rank=kl)
+
+
+@dataclass(frozen=True)
+class RtsvmSettings:
+    """The reconstruction switches of notes section 5.2/5.3."""
+
+    beta: float = 0.1
+    z: float = 3.0
+    norm: str = "fro"  # fro | l1
+    keep: str = "centered"  # centered | raw
+    weight_mode: str = "direct"  # direct | inverse
+    weight_norm: str = "sum"  # sum | mean
+    std_correction: int = 1
+    zero_tol: float = 0.0
+    consensus: str = "mean"  # mean | all_zero
+
+
+def outlier_weights(taus: list[torch.Tensor], cfg: RtsvmSettings) -> torch.Tensor:
+    """R-TSVM per-model weights ``w_k`` from 3-sigma row outliers of the full deltas."""
+    mags = []
+    for tau in taus:
+        x = tau.float()
+        mu = x.mean(dim=1, keepdim=True)
+        sigma = x.std(dim=1, keepdim=True, correction=cfg.std_correction)
+        sigma = torch.nan_to_num(sigma, nan=math.inf)
+        z = x - mu
+        hit = z.abs() > cfg.z * sigma
+        h = torch.where(hit, z if cfg.keep == "centered" else x, torch.zeros_like(x))
+        mags.append(float(h.norm() if cfg.norm == "fro" else h.abs().sum()))
+    a = torch.tensor(mags, dtype=torch.float64)
+    t = len(taus)
+    if cfg.weight_mode == "inverse":
+        if bool((a == 0).any()):
+            w = torch.full((t,), 1.0 / t, dtype=torch.float64)
+        else:
+            w = (1 / a) / (1 / a).sum()
+    elif float(a.sum()) == 0:
+        w = torch.full((t,), 1.0 / t, dtype=torch.float64)
+    else:
+        w = a / a.sum()
+    if cfg.weight_norm == "mean":
+        w = w * t
+    return w
+
+
+def sparsity_rank(taus: list[torch.Tensor], cfg: RtsvmSettings) -> int:
+    """R-TSVM ``k_l = max(1, floor(k0 * (1 - beta*(1 - s))))`` from the sparsity consensus s."""
+    t = len(taus)
+    m, n = taus[0].shape
+    k0 = min(m, n) // t
+    zero = [tau.abs() <= cfg.zero_tol for tau in taus]
+    if cfg.consensus == "all_zero":
+        both = zero[0].clone()
+        for z in zero[1:]:
+            both &= z
+        s = float(both.float().mean())
+    else:
+        s = sum(float(z.float().mean()) for z in zero) / t
+    return max(1, min(k0, math.floor(k0 * (1 - cfg.beta * (1 - s)))))

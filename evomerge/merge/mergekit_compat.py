@@ -1,0 +1,177 @@
+"""Read mergekit YAML configs into recipes, and write a recipe as mergekit YAML.
+
+Semantics follow mergekit 0.1.5 (see shared/research/mergekit.md): per-model ``weight``
+and ``density``, method defaults for ``normalize`` (ties/linear: true), ``rescale``
+(DARE: true, which mergekit implements as an L1-norm-matching rescale) and ``lambda``.
+Only the plain ``models:`` form with scalar parameters is accepted; anything else is
+refused by name rather than merged differently.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.merge.genome import Genome
+from evomerge.merge.recipe import GenomeSpec, MergeRecipe
+
+SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp")
+_GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density"}
+_TOP_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def is_mergekit_config(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _scalar(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: only scalar values are supported (got {value!r}); gradients and filters are not")
+    return float(value)
+
+
+def _name_for(ref: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ref.rstrip("/")).name or ref) or "model"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> MergeRecipe:
+    """Translate a mergekit config (already parsed YAML) into a :class:`MergeRecipe`."""
+    method = data.get("merge_method")
+    if method not in SUPPORTED:
+        raise ConfigError(f"{source}: merge_method '{method}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if "slices" in data:
+        raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
+    ts = data.get("tokenizer_source")
+    if ts not in (None, "base"):
+        raise ConfigError(f"{source}: tokenizer_source '{ts}' is not supported (the base's tokenizer is copied)")
+    params = dict(data.get("parameters") or {})
+    bad = sorted(set(params) - _GLOBAL_KEYS)
+    if bad:
+        raise ConfigError(f"{source}: parameters.{bad[0]} is not supported")
+    models = data.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source}: 'models' must be a non-empty list")
+    base = data.get("base_model")
+    if isinstance(base, dict):
+        base = base.get("model")
+    if base is None and method != "linear":
+        raise ConfigError(f"{source}: merge_method '{method}' needs base_model")
+
+    experts: dict[str, str] = {}
+    weights: dict[str, float] = {}
+    densities: dict[str, float] = {}
+    taken: set[str] = set()
+    for i, entry in enumerate(models):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{source}: models[{i}] needs a 'model' field")
+        ref = entry["model"]
+        ref = ref.get("model") if isinstance(ref, dict) else str(ref)
+        p = dict(entry.get("parameters") or {})
+        extra = sorted(set(p) - {"weight", "density"})
+        if extra:
+            raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported")
+        if method != "linear" and ref == base:
+            continue  # mergekit gives the base no parameters for these methods
+        name = _name_for(ref, taken)
+        experts[name] = ref
+        if method == "slerp":
+            continue
+        w = p.get("weight", params.get("weight"))
+        if w is None:
+            raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
+        weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        densities[name] = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+    if base is None:  # linear without base: any input can be the reference; it gets tau = 0
+        base = next(iter(experts.values()))
+    if not experts:
+        raise ConfigError(f"{source}: no models besides the base_model")
+
+    options: dict[str, Any] = {}
+    if method == "ties":
+        options = {"normalize": bool(params.get("normalize", True)), "density_grid": None}
+    elif method in ("dare_ties", "dare_linear"):
+        options = {"normalize": bool(params.get("normalize", False)), "rescale": "l1" if params.get("rescale", True) else "none"}
+    elif method == "task_arithmetic":
+        options = {"normalize": bool(params.get("normalize", False))}
+    elif method == "linear":
+        options = {"normalize": bool(params.get("normalize", True))}
+    scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
+    if method == "slerp":
+        if len(experts) != 1:
+            raise ConfigError(f"{source}: slerp needs base_model plus exactly one other model, got {len(experts)}")
+        if "t" not in params:
+            raise ConfigError(f"{source}: slerp needs parameters.t")
+        weights = {next(iter(experts)): _scalar(params["t"], f"{source}: parameters.t")}
+        densities = {}
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ConfigError(f"{source}: dtype '{dtype}' is not supported (float32, bfloat16, float16)")
+    genome = GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+    return MergeRecipe(
+        base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(dtype) if dtype else None, genome=genome
+    )
+
+
+def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
+    """mergekit YAML reproducing ``recipe`` at ``genome``, or ``None`` and the reason why not."""
+    opts = recipe.method_options
+    names = list(recipe.experts)
+    if recipe.method not in SUPPORTED:
+        return None, f"mergekit has no '{recipe.method}' method"
+    if recipe.method == "ties" and opts.variant != "mergekit":  # type: ignore[attr-defined]
+        return None, "the original-paper TIES variant (global top-k) has no mergekit equivalent"
+    if genome.n_groups != 1:
+        return None, "per-layer-group genomes are not exported (mergekit would need slices)"
+    if recipe.method in ("linear", "slerp") and genome.scale != 1.0:
+        return None, f"mergekit's {recipe.method} has no global scale (genome scale {genome.scale})"
+    comments = []
+    cfg: dict[str, Any] = {"merge_method": recipe.method}
+    w, d = genome.weights[0], genome.densities[0] if genome.densities else None
+    if recipe.method == "slerp":
+        cfg["base_model"] = recipe.base
+        cfg["models"] = [{"model": recipe.base}, {"model": recipe.experts[names[0]]}]
+        cfg["parameters"] = {"t": w[0]}
+    else:
+        models = []
+        grid = getattr(opts, "density_grid", None)
+        for k, name in enumerate(names):
+            p: dict[str, Any] = {"weight": w[k]}
+            if d is not None and recipe.method != "task_arithmetic" and recipe.method != "linear":
+                dk = d[k]
+                if recipe.method == "ties" and grid is not None and dk < 1:
+                    dk = min(grid, max(0, round(dk * grid))) / grid
+                p["density"] = dk
+            models.append({"model": recipe.experts[name], "parameters": p})
+        params: dict[str, Any] = {"normalize": bool(getattr(opts, "normalize", False))}
+        if recipe.method == "linear":
+            if not opts.normalize:  # type: ignore[attr-defined]
+                comments.append("linear without normalize: the base enters with weight sum(w) in both tools")
+        else:
+            cfg["base_model"] = recipe.base
+            params["lambda"] = genome.scale
+        if recipe.method in ("dare_ties", "dare_linear"):
+            params["rescale"] = opts.rescale != "none"  # type: ignore[attr-defined]
+            comments.append("DARE masks are random: mergekit draws its own, so outputs agree in distribution only")
+            if opts.rescale == "inv_density":  # type: ignore[attr-defined]
+                comments.append("evomerge rescaled kept values by 1/density; mergekit >= 0.1 matches the L1 norm instead")
+        cfg["models"] = models
+        cfg["parameters"] = params
+    cfg["dtype"] = recipe.dtype or "float32"
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    header = "# Reproduce with: mergekit-yaml mergekit_config.yml OUTPUT_DIR\n" + "".join(f"# note: {c}\n" for c in comments)
+    return header + text, ""

@@ -1,0 +1,568 @@
+"""Merge methods behind one small protocol, registered by name.
+
+Each method splits its work in two:
+
+* ``prepare_tensor`` does everything that depends only on the task vectors (sorts,
+  SVDs, statistics) and returns a per-tensor *state*;
+* ``build_tensor`` turns a state plus one candidate's coefficients into merged weights,
+  writing into a preallocated float32 buffer, with no sort, SVD or allocation of
+  model-sized tensors.
+
+The math is in ``shared/research/merge_methods.md``; section numbers below refer to it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.errors import ConfigError
+from evomerge.merge import fused as F
+from evomerge.merge import kernels as K
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- options
+class MethodOptions(BaseModel):
+    """Static options: fixed for a whole search, so they are part of the cache key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TaskArithmeticOptions(MethodOptions):
+    normalize: bool = False
+
+
+class LinearOptions(MethodOptions):
+    normalize: bool = True
+
+
+class TiesOptions(MethodOptions):
+    normalize: bool = True
+    variant: Literal["mergekit", "original"] = "mergekit"
+    density_grid: int | None = Field(
+        1024, ge=1, description="snap densities to g/G (tiny tables); null = exact densities (4 B/element/expert)"
+    )
+
+
+class DareOptions(MethodOptions):
+    normalize: bool = False
+    rescale: Literal["inv_density", "l1", "none"] = "inv_density"
+    seed: int = 0
+
+
+class SlerpOptions(MethodOptions):
+    dot_threshold: float = 0.9995
+    eps: float = 1e-8
+
+
+class TsvmOptions(MethodOptions):
+    storage: Literal["auto", "dense", "factored"] = "auto"
+    exclude: tuple[str, ...] = ()
+    drop_null_directions: bool = False
+
+
+class RTsvmOptions(TsvmOptions):
+    beta: float = Field(0.1, ge=0.0, le=1.0)
+    z: float = Field(3.0, gt=0.0)
+    norm: Literal["fro", "l1"] = "fro"
+    keep: Literal["centered", "raw"] = "centered"
+    weight_mode: Literal["direct", "inverse"] = "direct"
+    weight_norm: Literal["sum", "mean"] = "sum"
+    std_correction: int = 1
+    zero_tol: float = Field(0.0, ge=0.0)
+    consensus: Literal["mean", "all_zero"] = "mean"
+    order: Literal["orth_then_trunc", "trunc_then_orth"] = "orth_then_trunc"
+    weight_1d: bool = False  # 1-D tensors: outlier weights with the vector as one row (default: plain mean)
+
+
+# --------------------------------------------------------------------------- protocol
+@dataclass
+class TensorInfo:
+    """What a method may know about a tensor besides its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    expert_names: list[str]
+
+
+@dataclass
+class Candidate:
+    """One layer group's genome values, resolved once per build."""
+
+    coeffs: torch.Tensor  # (T,) float32 on the cache device
+    weights: list[float]
+    densities: list[float]
+    scale: float
+
+
+class Workspace(Protocol):
+    compiled: bool  # run the fused kernels through torch.compile
+
+    def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+
+class MergeMethod(Protocol):
+    name: ClassVar[str]
+    options_model: ClassVar[type[MethodOptions]]
+    uses_density: ClassVar[bool]
+    min_experts: ClassVar[int]
+    max_experts: ClassVar[int | None]
+
+    def state_bytes(self, shape: tuple[int, ...], n_experts: int, options: Any) -> int: ...
+
+    def prepare_tensor(self, info: TensorInfo, base: torch.Tensor, taus: list[torch.Tensor], options: Any) -> Any: ...
+
+    def finalize(self, states: list[Any], options: Any) -> None: ...
+
+    def begin_build(
+        self, states: list[Any], candidates: list[Candidate], groups: list[int], options: Any, ws: Workspace
+    ) -> Any: ...
+
+    def build_tensor(
+        self, state: Any, base: torch.Tensor, cand: Candidate, dst: torch.Tensor, ws: Workspace, options: Any, ctx: Any
+    ) -> None: ...
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register_method(name: str):
+    """Class decorator: instantiate and register a method under ``name``."""
+
+    def wrap(cls: type) -> type:
+        inst = cls()
+        inst.name = name
+        METHODS[name] = inst
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method '{name}' (known: {', '.join(sorted(METHODS))})") from None
+
+
+def parse_options(method: str, options: Any) -> MethodOptions:
+    """Validate ``options`` (dict or options object) for ``method``; errors name the field."""
+    impl = get_method(method)
+    if isinstance(options, impl.options_model):
+        return options
+    if isinstance(options, BaseModel):
+        options = options.model_dump()
+    try:
+        return impl.options_model.model_validate(options or {})
+    except Exception as exc:  # pydantic.ValidationError -> one readable line per field
+        errors = getattr(exc, "errors", None)
+        if errors is None:
+            raise
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]  # type: ignore[attr-defined]
+        raise ConfigError(f"invalid options for method '{method}': " + "; ".join(parts)) from None
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _affine(base: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, dst: torch.Tensor, beta: float = 1.0) -> None:
+    """``dst = beta*base + sum_k coef_k stack_k`` in one BLAS pass (gemv over the expert axis)."""
+    torch.addmv(base, stack.t(), coef, beta=beta, out=dst)
+
+
+def _coef_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device)
+
+
+def _stack(taus: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.reshape(-1).float() for t in taus]).contiguous()
+
+
+class _Base:
+    """Defaults for the optional hooks."""
+
+    min_experts: ClassVar[int] = 1
+    max_experts: ClassVar[int | None] = None
+    uses_density: ClassVar[bool] = False
+
+    def finalize(self, states: list[Any], options: Any) -> None:
+        return None
+
+    def begin_build(
+        self, states: list[Any], candidates: list[Candidate], groups: list[int], options: Any, ws: Workspace
+    ) -> Any:
+        return None
+
+
+# --------------------------------------------------------------------------- TA / linear
+@register_method("task_arithmetic")
+class TaskArithmetic(_Base):
+    """``theta = theta0 + lambda * sum_k c_k tau_k`` (``/ sum c`` with normalize), section 1."""
+
+    options_model = TaskArithmeticOptions
+
+    def state_bytes(self, shape, n_experts, options) -> int:
+        return 4 * n_experts * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> torch.Tensor:
+        return _stack(taus)
+
+    def _divisor(self, cand: Candidate, normalize: bool) -> float:
+        total = sum(cand.weights)
+        return total if normalize and abs(total) >= 1e-8 else 1.0
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        factor = cand.scale / self._divisor(cand, options.normalize)
+        _affine(base, state, cand.coeffs * factor, dst)
+
+
+@register_method("linear")
+class Linear(TaskArithmetic):
+    """mergekit ``linear``: ``sum_k w_k theta_k`` (``/ sum w`` with normalize, the default).
+
+    Written on task vectors: without normalize the base enters with weight ``sum w``,
+    so ``theta = theta0 + lambda * (sum_k w_k tau_k + (sum w - 1) theta0)``.
+    """
+
+    options_model = LinearOptions
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        div = self._divisor(cand, options.normalize)
+        extra = 0.0 if options.normalize else sum(cand.weights) - 1.0
+        _affine(base, state, cand.coeffs * (cand.scale / div), dst, beta=1.0 + cand.scale * extra)
+
+
+# --------------------------------------------------------------------------- TIES
+@dataclass
+class TiesState:
+    taus: torch.Tensor  # (T, n)
+    tables: list[Any]  # MagnitudeTable per expert (mergekit) or shared ThresholdTable (original)
+
+
+@register_method("ties")
+class Ties(_Base):
+    """TIES (section 2): trim per tensor by magnitude, elect the sign of the weighted sum,
+    disjoint (weighted) mean. ``variant="original"`` follows the paper: global top-k with
+    ``>=``, zero sign -> global majority, unweighted ``dis-mean`` count.
+    """
+
+    options_model = TiesOptions
+    uses_density = True
+
+    def state_bytes(self, shape, n_experts, options) -> int:
+        n = math.prod(shape)
+        table = 4 * n if options.density_grid is None else 24 * (options.density_grid + 1)
+        return n_experts * (4 * n + (0 if options.variant == "original" else table))
+
+    def prepare_tensor(self, info, base, taus, options) -> TiesState:
+        stack = _stack(taus)
+        if options.variant == "original":
+            return TiesState(stack, [])  # global tables are built in finalize()
+        return TiesState(stack, [K.MagnitudeTable(row, options.density_grid) for row in stack])
+
+    def finalize(self, states: list[TiesState], options) -> None:
+        if options.variant != "original" or not states:
+            return
+        for k in range(states[0].taus.shape[0]):
+            table = K.ThresholdTable(torch.cat([s.taus[k].abs() for s in states]), options.density_grid)
+            for s in states:
+                s.tables.append(table)
+
+    def _weighted(self, state: TiesState, cand: Candidate, ws, options) -> torch.Tensor:
+        t, n = state.taus.shape
+        absb = ws.get("abs", t * n).view(t, n)
+        keep = ws.get("keep", t * n).view(t, n)  # float 0/1 masks: far faster than bool on CPU
+        torch.abs(state.taus, out=absb)
+        for k, table in enumerate(state.tables):
+            torch.ge(absb[k], table.threshold(cand.densities[k]), out=keep[k])
+        keep.mul_(cand.coeffs[:, None])
+        w = ws.get("w", t * n).view(t, n)
+        return torch.mul(state.taus, keep, out=w)
+
+    def begin_build(self, states, candidates, groups, options, ws) -> Any:
+        if options.variant != "original":
+            return None
+        if len(candidates) > 1:
+            raise ConfigError("ties variant 'original' trims over the whole model: use a genome with one layer group")
+        # Zero elected signs take the model-wide majority sign: a first pass sums sign(S).
+        total = 0.0
+        for state, g in zip(states, groups):
+            w = self._weighted(state, candidates[g], ws, options)
+            total += float(torch.sign(w.sum(0)).sum())
+        return 1.0 if total >= 0 else -1.0  # ties (incl. empty) -> +
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if options.variant == "mergekit":
+            queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
+            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+            if any(q.ties is not None for q in queries):  # exact mode, ties straddle the cut
+                t, n = state.taus.shape
+                keep = ws.get("keep", t * n).view(t, n)
+                absb = ws.get("abs", n)
+                for k, q in enumerate(queries):
+                    K.topk_keep(torch.abs(state.taus[k], out=absb), q, keep[k])
+                F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
+                return
+            # Expert k keeps |x| >= t_k before its cut index and |x| > t_k after; split the
+            # tensor at the cuts so each piece is one strict comparison per expert.
+            n = base.numel()
+            t_strict = torch.tensor([q.threshold for q in queries], dtype=torch.float32)
+            t_loose = torch.nextafter(t_strict, torch.tensor(-math.inf))  # x >= t  <=>  x > t_loose
+            bounds = sorted({0, n, *(q.cut for q in queries if 0 < q.cut < n)})
+            for lo, hi in zip(bounds, bounds[1:]):
+                thr = torch.where(torch.tensor([lo < q.cut for q in queries]), t_loose, t_strict).to(base.device)
+                F.run("ties", ws.compiled, dst[lo:hi], state.taus[:, lo:hi], base[lo:hi], thr, cand.coeffs, scale, options.normalize)
+            return
+        # original variant: global thresholds and the model-wide majority sign (ctx)
+        t, n = state.taus.shape
+        w = self._weighted(state, cand, ws, options)
+        delta = ws.get("delta", n)
+        sign = ws.get("sign", n)
+        scratch = ws.get("abs", t * n).view(t, n)
+        torch.sum(w, 0, out=sign)
+        sign.sign_()
+        sign.masked_fill_(sign == 0, ctx)
+        torch.mul(w, sign, out=scratch)
+        scratch.clamp_(min=0)
+        torch.sum(scratch, 0, out=delta).mul_(sign)
+        count = scratch.sign_().sum(0).clamp_(min=1)  # agreeing nonzero entries
+        delta.div_(count)
+        torch.add(base, delta, alpha=cand.scale, out=dst)
+
+
+# --------------------------------------------------------------------------- DARE
+@dataclass
+class DareState:
+    taus: torch.Tensor  # (T, n)
+    key_lo: torch.Tensor  # (T,) int64: low/high 32 bits of each expert's RNG key
+    key_hi: torch.Tensor
+    l1: torch.Tensor  # (T,) float32: ||tau_k||_1, for the L1-matching rescale
+
+
+class _Dare(_Base):
+    """DARE (section 3): keep ``u < d`` from a keyed uniform field, rescale, then merge.
+
+    ``u`` is a counter-based hash of ``(seed, expert, tensor, index)`` recomputed inside
+    the build kernel, so masks nest across densities and cost no memory.
+    """
+
+    options_model = DareOptions
+    uses_density = True
+    ties: ClassVar[bool] = False
+
+    def state_bytes(self, shape, n_experts, options) -> int:
+        return 4 * n_experts * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> DareState:
+        stack = _stack(taus)
+        keys = [K.tensor_key(options.seed, e, info.name) for e in info.expert_names]
+        dev = stack.device
+        lo = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
+        hi = torch.tensor([(k >> 32) & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
+        # float64 sums: torch's fp32 vector_norm(ord=1) is ~4% low on 25M-entry tensors
+        l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
+        return DareState(stack, lo, hi, l1)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if options.rescale == "l1":
+            factors = list(cand.weights)  # the L1 ratio is computed inside the kernel
+        else:
+            factors = [w * dare_rescale(options.rescale, d) for w, d in zip(cand.weights, cand.densities)]
+        total = sum(cand.weights)
+        if not self.ties and options.normalize and abs(total) >= 1e-8:
+            factors = [f / total for f in factors]
+        dev = base.device
+        F.run(
+            "dare",
+            ws.compiled,
+            dst,
+            state.taus,
+            base,
+            state.key_lo,
+            state.key_hi,
+            torch.tensor(cand.densities, dtype=torch.float32, device=dev),
+            torch.tensor(factors, dtype=torch.float32, device=dev),
+            cand.coeffs,
+            state.l1,
+            torch.tensor(cand.scale, dtype=torch.float32, device=dev),
+            self.ties,
+            options.normalize,
+            options.rescale == "l1",
+        )
+
+
+def dare_rescale(mode: str, density: float, l1_before: float = 0.0, masked: torch.Tensor | None = None) -> float:
+    """Rescale factor of a DARE-masked delta: ``1/d``, L1-matching (mergekit >= 0.1) or 1."""
+    if density >= 1:
+        return 1.0
+    if density <= 0:
+        return 0.0
+    if mode == "inv_density":
+        return 1.0 / density
+    if mode == "l1":
+        assert masked is not None
+        after = float(masked.abs().sum(dtype=torch.float64))
+        return 1.0 if l1_before < 1e-7 or after < 1e-7 else l1_before / after
+    return 1.0
+
+
+@register_method("dare_linear")
+class DareLinear(_Dare):
+    pass
+
+
+@register_method("dare_ties")
+class DareTies(_Dare):
+    ties = True
+
+
+# --------------------------------------------------------------------------- SLERP
+@dataclass
+class SlerpState:
+    tau: torch.Tensor  # (1, n)
+    theta: float
+    linear: bool
+
+
+@register_method("slerp")
+class Slerp(_Base):
+    """Spherical interpolation base -> expert at ``t`` = the expert's weight (mergekit semantics:
+    whole flattened tensor, fp32, lerp when ``|cos| > dot_threshold``).
+    """
+
+    options_model = SlerpOptions
+    max_experts = 1
+
+    def state_bytes(self, shape, n_experts, options) -> int:
+        return 4 * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> SlerpState:
+        v0 = base.reshape(-1).float()
+        v1 = v0 + taus[0].reshape(-1).float()
+        n0, n1 = v0.norm(), v1.norm()
+        n0 = n0 if n0 > options.eps else torch.tensor(1.0)
+        n1 = n1 if n1 > options.eps else torch.tensor(1.0)
+        dot = float(((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1))
+        linear = abs(dot) > options.dot_threshold
+        return SlerpState(_stack(taus), 0.0 if linear else math.acos(dot), linear)
+
+    @staticmethod
+    def coefficients(t: float, theta: float, linear: bool) -> tuple[float, float]:
+        if linear:
+            return 1.0 - t, t
+        s = math.sin(theta)
+        return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        a, b = self.coefficients(cand.weights[0], state.theta, state.linear)
+        lam = cand.scale
+        # slerp = a*theta0 + b*(theta0 + tau); then theta = theta0 + lam*(slerp - theta0)
+        _affine(base, state.tau, _coef_tensor([lam * b], base), dst, beta=1.0 + lam * (a + b - 1.0))
+
+
+# --------------------------------------------------------------------------- TSVM / R-TSVM
+@dataclass
+class TsvmState:
+    dense: torch.Tensor | None = None  # (T, n): transformed task vectors M~_k
+    us: torch.Tensor | None = None  # factored: (m, T*r) with weights folded in
+    vh: torch.Tensor | None = None  # (T*r, n)
+    rank: int = 0
+    shape: tuple[int, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@register_method("tsvm")
+class Tsvm(_Base):
+    """TSVM (section 4): per-task rank ``min(m,n)//T``, polar factors of ``U_cat``/``Vh_cat``.
+
+    Cached as TA on the transformed task vectors (section 6.4), ``Delta(c) = sum c_k M_k``,
+    dense (``T*m*n`` floats) or factored (``(m+n)*T*r`` floats, one GEMM per build).
+    1-D and excluded tensors: ``M_k = tau_k / T`` (the mean).
+    """
+
+    options_model = TsvmOptions
+    factored_default: ClassVar[bool] = False
+
+    def is_matrix(self, name: str, shape: tuple[int, ...], n_experts: int, options: Any) -> bool:
+        excluded = any(fnmatch.fnmatch(name, pat) for pat in options.exclude)
+        return len(shape) == 2 and not excluded and min(shape) // n_experts > 0
+
+    def state_bytes(self, shape, n_experts, options) -> int:
+        n = math.prod(shape)
+        if options.storage == "factored" and len(shape) == 2:
+            m, k = shape
+            return 4 * (m + k) * n_experts * (min(m, k) // n_experts)
+        return 4 * n_experts * n
+
+    def weights(self, taus: list[torch.Tensor], options: Any) -> tuple[torch.Tensor | None, int | None]:
+        return None, None
+
+    def vector_weights(self, taus: list[torch.Tensor], options: Any) -> torch.Tensor:
+        """Per-expert factor for non-matrix tensors: ``1/T`` (the mean)."""
+        return torch.full((len(taus),), 1.0 / len(taus), device=taus[0].device)
+
+    def prepare_tensor(self, info, base, taus, options) -> TsvmState:
+        t = len(taus)
+        if not self.is_matrix(info.name, info.shape, t, options):
+            if len(info.shape) == 2 and min(info.shape) // t == 0:
+                log.warning("%s: rank %d < %d tasks, TSVM falls back to the mean", info.name, min(info.shape), t)
+            return TsvmState(dense=_stack(taus) * self.vector_weights(taus, options)[:, None], shape=info.shape)
+        w, keep_rank = self.weights(taus, options)
+        order = getattr(options, "order", "orth_then_trunc")
+        f = K.tsvm_factors(taus, keep_rank, order, options.drop_null_directions)
+        assert f is not None
+        us = f.us
+        if w is not None:  # fold R-TSVM weights into each task's block of columns
+            us = us * torch.repeat_interleave(w.float(), f.rank)[None, :]
+        extra = {} if w is None else {"w": w.tolist(), "k_l": keep_rank}
+        if options.storage == "factored":
+            return TsvmState(us=us.contiguous(), vh=f.vh, rank=f.rank, shape=info.shape, info=extra)
+        return TsvmState(dense=K.TsvmFactors(us, f.vh, f.rank).dense(t), shape=info.shape, info=extra)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if state.dense is not None:
+            _affine(base, state.dense, cand.coeffs * cand.scale, dst)
+            return
+        assert state.us is not None and state.vh is not None
+        m, n = state.shape
+        scaled = ws.get("us", state.us.numel()).view(state.us.shape)
+        torch.mul(state.us, torch.repeat_interleave(cand.coeffs, state.rank)[None, :], out=scaled)
+        torch.addmm(base.view(m, n), scaled, state.vh, alpha=cand.scale, out=dst.view(m, n))
+
+
+@register_method("r_tsvm")
+class RTsvm(Tsvm):
+    """R-TSVM / RESM, the reconstruction of section 5.2: TSVM with per-tensor outlier
+    weights ``w_k`` and sparsity-adaptive rank ``k_l``; 1-D tensors use the plain mean.
+    """
+
+    options_model = RTsvmOptions
+
+    @staticmethod
+    def settings(options: RTsvmOptions) -> K.RtsvmSettings:
+        return K.RtsvmSettings(
+            beta=options.beta,
+            z=options.z,
+            norm=options.norm,
+            keep=options.keep,
+            weight_mode=options.weight_mode,
+            weight_norm=options.weight_norm,
+            std_correction=options.std_correction,
+            zero_tol=options.zero_tol,
+            consensus=options.consensus,
+        )
+
+    def weights(self, taus, options):
+        cfg = self.settings(options)
+        return K.outlier_weights(taus, cfg), K.sparsity_rank(taus, cfg)
+
+    def vector_weights(self, taus, options):
+        if not (options.weight_1d and taus[0].dim() == 1):
+            return super().vector_weights(taus, options)
+        return K.outlier_weights([t.reshape(1, -1) for t in taus], self.settings(options)).float().to(taus[0].device)

@@ -1,0 +1,115 @@
+"""``MergeRecipe``: the YAML a user writes to materialise one merge.
+
+    base: org/base-model            # local folder or hub id[@revision]
+    experts: {math: ./math-ft, code: org/code-ft}
+    method: ties
+    options: {normalize: true, density_grid: null}
+    dtype: bfloat16                 # output dtype (default: the base's)
+    genome:
+      weights: {math: 0.6, code: 0.4}      # or per layer group: {math: [0.6, 0.5], ...}
+      densities: {math: 0.5, code: 0.5}
+      scale: 1.0
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.merge.genome import Genome
+from evomerge.merge.methods import MethodOptions, get_method, parse_options
+
+
+class GenomeSpec(BaseModel):
+    """Genome as written in YAML: values keyed by expert name (scalar or per layer group)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights: float | list[Any] | dict[str, float | list[float]]
+    densities: float | list[Any] | dict[str, float | list[float]] | None = None
+    scale: float = 1.0
+    layer_granularity: int = 0  # > 0: repeat scalar values over num_layers // layer_granularity groups
+
+    def to_genome(self, expert_names: list[str], num_layers: int | None = None) -> Genome:
+        genome = Genome.from_values(self.weights, self.densities, self.scale, expert_names)
+        if self.layer_granularity and genome.n_groups == 1 and num_layers:
+            if num_layers % self.layer_granularity:
+                raise ConfigError(
+                    f"genome.layer_granularity {self.layer_granularity} does not divide the {num_layers} layers"
+                )
+            groups = num_layers // self.layer_granularity
+            dens = None if genome.densities is None else genome.densities * groups
+            genome = Genome(genome.weights * groups, dens, genome.scale)
+        return genome
+
+    @classmethod
+    def from_genome(cls, genome: Genome, expert_names: list[str]) -> GenomeSpec:
+        return cls.model_validate(genome.to_dict(expert_names))
+
+
+class MergeRecipe(BaseModel):
+    """One merge: pool, method, static options, output dtype and (optionally) the genome."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: str
+    experts: dict[str, str]
+    method: str
+    options: dict[str, Any] = {}
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    genome: GenomeSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeRecipe:
+        if not self.experts:
+            raise ValueError("experts: at least one expert is needed")
+        get_method(self.method)
+        parse_options(self.method, self.options)
+        return self
+
+    @property
+    def method_options(self) -> MethodOptions:
+        return parse_options(self.method, self.options)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> MergeRecipe:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except ValidationError as exc:
+            parts = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError(f"{source}: " + "; ".join(parts)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+
+def load_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file; errors name the file."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def load_genome(path: str | os.PathLike[str]) -> GenomeSpec:
+    """A genome file: the ``genome:`` block of a recipe, or the mapping on its own."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "genome" in data:
+        data = data["genome"]
+    try:
+        return GenomeSpec.model_validate(data)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(parts)) from None

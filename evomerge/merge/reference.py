@@ -1,0 +1,145 @@
+"""Uncached reference merges: every step recomputed from the task vectors per candidate.
+
+This is the straightforward reading of the formulas (argsort top-k, fresh SVDs, ...).
+It exists to check the cached ``build`` against (tests) and to time what caching saves
+(benchmarks); it is not meant to be fast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from evomerge.merge import kernels as K
+from evomerge.merge.cache import POST, PRE, layer_of
+from evomerge.merge.genome import Genome
+from evomerge.merge.methods import RTsvm, Slerp, Tsvm, dare_rescale, get_method, parse_options
+
+
+def _argsort_mask(x: torch.Tensor, keep: int, stable: bool) -> torch.Tensor:
+    """mergekit's selection: the first ``keep`` of a descending argsort of ``|x|``."""
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    if keep > 0:
+        order = torch.argsort(x.abs().reshape(-1).float(), descending=True, stable=stable)
+        mask[order[:keep]] = True
+    return mask.view_as(x)
+
+
+def _snapped_keep(density: float, n: int, grid: int | None) -> int:
+    if grid is None or density >= 1:
+        return K.mergekit_keep_count(density, n)
+    k = (min(grid, max(0, round(density * grid))) * n) // grid
+    return max(1, k) if density > 0 and n else k
+
+
+def _consensus(w: torch.Tensor, c: torch.Tensor, normalize: bool) -> torch.Tensor:
+    elected = torch.where(w.sum(0) >= 0, 1.0, -1.0)
+    agree = w.sign() == elected
+    mixed = (w * agree).sum(0)
+    if normalize:
+        div = (c.view(-1, *[1] * (w.dim() - 1)) * agree).sum(0)
+        div[div == 0] = 1
+        mixed = mixed / div
+    return mixed
+
+
+def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[torch.Tensor], w: list[float], d: list[float], ctx: Any) -> torch.Tensor:
+    c = torch.tensor(w, dtype=torch.float32)
+    stack = torch.stack(taus)
+    cb = c.view(-1, *[1] * base.dim())
+    if method in ("task_arithmetic", "linear"):
+        mixed = (cb * stack).sum(0)
+        total = sum(w)
+        if opts.normalize:
+            return mixed / (total if abs(total) >= 1e-8 else 1.0)
+        return mixed + (total - 1.0) * base if method == "linear" else mixed
+    if method == "ties" and opts.variant == "mergekit":
+        stable = opts.density_grid is not None  # exact mode follows mergekit's (unstable) sort
+        trimmed = torch.stack(
+            [t * _argsort_mask(t, _snapped_keep(dk, t.numel(), opts.density_grid), stable) for t, dk in zip(taus, d)]
+        )
+        return _consensus(cb * trimmed, c, opts.normalize)
+    if method == "ties":  # original: global thresholds and majority come from ctx
+        trimmed = torch.stack([t * (t.abs() >= thr) for t, thr in zip(taus, ctx["thresholds"])])
+        wt = cb * trimmed
+        elected = wt.sum(0).sign()
+        elected[elected == 0] = ctx["majority"]
+        sel = wt * (wt.sign() == elected)
+        return sel.sum(0) / (sel != 0).sum(0).clamp(min=1)
+    if method in ("dare_linear", "dare_ties"):
+        rows = []
+        for k, (t, dk) in enumerate(zip(taus, d)):
+            if dk >= 1:
+                m = torch.ones_like(t, dtype=torch.bool)
+            elif dk <= 0:
+                m = torch.zeros_like(t, dtype=torch.bool)
+            else:
+                u = K.keyed_uniform(K.tensor_key(opts.seed, ctx["experts"][k], name), torch.empty(t.numel()))
+                m = (u < dk).view_as(t)
+            masked = t * m
+            rows.append(masked * dare_rescale(opts.rescale, dk, float(t.abs().sum(dtype=torch.float64)), masked))
+        wt = cb * torch.stack(rows)
+        if method == "dare_ties":
+            return _consensus(wt, c, opts.normalize)
+        total = sum(w)
+        return wt.sum(0) / (total if opts.normalize and abs(total) >= 1e-8 else 1.0)
+    if method == "slerp":
+        state = Slerp().prepare_tensor(None, base, taus, opts)  # type: ignore[arg-type]
+        a, b = Slerp.coefficients(w[0], state.theta, state.linear)
+        return a * base + b * (base + taus[0]) - base
+    if method in ("tsvm", "r_tsvm"):
+        impl = get_method(method)
+        assert isinstance(impl, Tsvm)
+        if not impl.is_matrix(name, tuple(base.shape), len(taus), opts):
+            vw = impl.vector_weights(taus, opts).view(-1, *[1] * base.dim())
+            return (cb * vw * stack).sum(0)
+        weights, keep_rank = impl.weights(taus, opts) if isinstance(impl, RTsvm) else (None, None)
+        f = K.tsvm_factors(taus, keep_rank, getattr(opts, "order", "orth_then_trunc"), opts.drop_null_directions)
+        assert f is not None
+        eff = c if weights is None else c * weights.float()
+        return (f.us * torch.repeat_interleave(eff, f.rank)[None, :]) @ f.vh
+    raise ValueError(f"no reference for method '{method}'")
+
+
+def merge_uncached(pool: Any, method: str, options: Any, genome: Genome, num_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """Merged float32 state dict for ``genome``, recomputing every step (no cache)."""
+    opts = parse_options(method, options)
+    experts = list(pool.expert_names)
+    items = list(pool.iter_task_vectors())
+    names = [n for n, _, _ in items]
+    layers = [layer_of(n) for n in names]
+    nl = num_layers or getattr(pool, "num_layers", None) or max([l for l in layers if l >= 0], default=0) + 1
+    G = genome.n_groups
+
+    def group(layer: int) -> int:
+        return 0 if layer == PRE else G - 1 if layer == POST else min(G - 1, layer * G // nl)
+
+    ctx: dict[str, Any] = {"experts": experts}
+    if method == "ties" and opts.variant == "original":
+        # global (whole-model) trim per expert and global majority sign, as in the paper
+        assert genome.n_groups == 1 and genome.densities is not None
+        ctx["thresholds"] = []
+        for k in range(len(experts)):
+            flat = torch.cat([taus[k].abs().reshape(-1) for _, _, taus in items])
+            dk = genome.densities[0][k]
+            if opts.density_grid is not None and dk < 1:
+                dk = min(opts.density_grid, max(0, round(dk * opts.density_grid))) / opts.density_grid
+                keep_n = flat.numel() - (round(genome.densities[0][k] * opts.density_grid) * flat.numel()) // opts.density_grid
+            else:
+                keep_n = flat.numel() - int(flat.numel() * dk)
+            ctx["thresholds"].append(-math.inf if dk >= 1 or keep_n < 1 else float(flat.kthvalue(keep_n).values))
+        c = torch.tensor(genome.weights[0])
+        total = 0.0
+        for _, base, taus in items:
+            trimmed = torch.stack([t * (t.abs() >= thr) for t, thr in zip(taus, ctx["thresholds"])])
+            total += float((c.view(-1, *[1] * base.dim()) * trimmed).sum(0).sign().sum())
+        ctx["majority"] = 1.0 if total >= 0 else -1.0
+    out = {}
+    for (name, base, taus), layer in zip(items, layers):
+        g = group(layer)
+        w = list(genome.weights[g])
+        d = list(genome.densities[g]) if genome.densities is not None else [1.0] * len(w)
+        out[name] = base + genome.scale * _delta(method, opts, name, base, taus, w, d, ctx)
+    return out

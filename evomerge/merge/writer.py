@@ -1,0 +1,167 @@
+"""Materialise one merge as a complete Hugging Face model folder, atomically.
+
+Folder contents: ``model.safetensors``, ``config.json`` (dtype updated), the base's
+tokenizer and generation files, ``README.md`` (model card with
+``base_model_relation: merge``), ``evomerge_recipe.yaml`` (the resolved recipe and
+genome) and, where the method exists in mergekit, ``mergekit_config.yml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from evomerge.io_utils import atomic_directory
+from evomerge.merge.cache import build, prepare
+from evomerge.merge.genome import Genome
+from evomerge.merge.mergekit_compat import to_mergekit
+from evomerge.merge.recipe import GenomeSpec, MergeRecipe
+from evomerge.errors import ConfigError
+from evomerge.pool import LoadOptions, Pool
+
+log = logging.getLogger(__name__)
+
+PAPERS = {
+    "task_arithmetic": "https://arxiv.org/abs/2212.04089",
+    "linear": "https://arxiv.org/abs/2203.05482",
+    "ties": "https://arxiv.org/abs/2306.01708",
+    "dare_linear": "https://arxiv.org/abs/2311.03099",
+    "dare_ties": "https://arxiv.org/abs/2311.03099",
+    "slerp": "https://en.wikipedia.org/wiki/Slerp",
+    "tsvm": "https://arxiv.org/abs/2412.00081",
+    "r_tsvm": "https://arxiv.org/abs/2502.06876",
+}
+_SKIP_FILES = {"README.md", "model.safetensors.index.json", "config.json"}
+_COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+def _copy_support_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer, generation config and chat template files of the base."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in _SKIP_FILES and path.suffix in _COPY_SUFFIXES:
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def model_card(recipe: MergeRecipe, genome: Genome, mergekit_yaml: str | None, why_not: str) -> str:
+    names = list(recipe.experts)
+    front = {
+        "base_model": [recipe.base, *recipe.experts.values()],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "evomerge", recipe.method],
+    }
+    rows = "\n".join(
+        f"| {n} | `{recipe.experts[n]}` | {', '.join(f'{row[k]:.6g}' for row in genome.weights)} | "
+        + (", ".join(f"{row[k]:.6g}" for row in genome.densities) if genome.densities else "-")
+        + " |"
+        for k, n in enumerate(names)
+    )
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# Merge of {len(names)} expert(s) into `{recipe.base}` with `{recipe.method}`",
+        "",
+        f"Made with evomerge. Method: `{recipe.method}` ({PAPERS.get(recipe.method, '')}).",
+        "",
+        "## Constituents",
+        "",
+        f"Base model: `{recipe.base}`. Global scale: {genome.scale:.6g}; layer groups: {genome.n_groups}.",
+        "",
+        "| expert | source | weight per group | density per group |",
+        "|---|---|---|---|",
+        rows,
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe.to_yaml().strip(),
+        "```",
+        "",
+        "## Reproduce with mergekit",
+        "",
+    ]
+    if mergekit_yaml:
+        lines += ["```yaml", mergekit_yaml.strip(), "```", ""]
+    else:
+        lines += [f"Not expressible in mergekit: {why_not}.", ""]
+    return "\n".join(lines)
+
+
+def resolve_genome(recipe: MergeRecipe, pool: Pool, genome: Genome | GenomeSpec | None) -> Genome:
+    if isinstance(genome, Genome):
+        return genome
+    spec = genome or recipe.genome
+    if spec is None:
+        raise ConfigError("no genome: give one in the recipe ('genome:') or with --genome")
+    num_layers = getattr(pool.base.config, "num_hidden_layers", None)
+    return spec.to_genome(list(recipe.experts), num_layers)
+
+
+def write_merged_model(
+    recipe: MergeRecipe,
+    out_dir: str | os.PathLike[str],
+    genome: Genome | GenomeSpec | None = None,
+    overwrite: bool = False,
+    load_options: LoadOptions | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Merge ``recipe`` at ``genome`` (default: the recipe's) into a new model folder.
+
+    Everything is written to a temporary sibling folder that is renamed into place only
+    at the end, so a failure leaves nothing behind.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
+    try:
+        pool.check_compatibility()
+    except (OSError, ValueError) as exc:  # models without tokenizer files: tensors were already checked
+        log.warning("could not compare tokenizers (%s); tensor names and shapes were checked", exc)
+    g = resolve_genome(recipe, pool, genome)
+    # one build only: compiling the fused kernels would cost more than it saves
+    cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False)
+    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    state = build(cache, g, dtype=dtype)
+    mk_yaml, why_not = to_mergekit(recipe, g)
+    from safetensors.torch import save_file
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((pool.base.folder / "config.json").read_text())
+        if recipe.dtype:
+            config["torch_dtype"] = recipe.dtype
+            if "dtype" in config:
+                config["dtype"] = recipe.dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_support_files(pool.base.folder, tmp)
+        resolved = recipe.model_copy(update={"genome": GenomeSpec.from_genome(g, list(recipe.experts))})
+        (tmp / "evomerge_recipe.yaml").write_text(resolved.to_yaml())
+        if mk_yaml:
+            (tmp / "mergekit_config.yml").write_text(mk_yaml)
+        (tmp / "README.md").write_text(model_card(resolved, g, mk_yaml, why_not))
+    log.info("wrote %s (%s, %d tensors)", out_dir, recipe.method, len(state))
+    return out_dir
+
+
+def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
+    """An evomerge recipe or a mergekit config, told apart by ``merge_method``."""
+    from evomerge.merge.mergekit_compat import from_mergekit, is_mergekit_config
+    from evomerge.merge.recipe import load_yaml
+
+    data: Any = load_yaml(path)
+    if is_mergekit_config(data):
+        return from_mergekit(data, str(path))
+    return MergeRecipe.from_dict(data, str(path))

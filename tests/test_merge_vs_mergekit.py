@@ -1,0 +1,94 @@
+"""Our TIES / task_arithmetic / linear weights equal mergekit 0.1.5's, DARE agrees in distribution.
+
+mergekit is never an evomerge dependency: this test runs it in the benchmark-only
+environment (``benchmarks/make_mergekit_env.sh``), found through ``MERGEKIT_PYTHON``
+(default ``/tmp/mergekit-env/bin/python``), and skips when that is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.merge import load_recipe, write_merged_model
+
+pytestmark = pytest.mark.slow
+MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON", "/tmp/mergekit-env/bin/python")
+
+
+def _mergekit_yaml(cfg_path: Path, out: Path) -> None:
+    exe = Path(MERGEKIT_PYTHON).with_name("mergekit-yaml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(exe), str(cfg_path), str(out), "--no-copy-tokenizer", "--random-seed", "1"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _merge_both(tmp_path: Path, cfg: dict) -> tuple[dict, dict]:
+    """(evomerge output, mergekit-yaml output) for one mergekit config."""
+    cfg_path = tmp_path / "cfg.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _mergekit_yaml(cfg_path, tmp_path / "mk")
+    write_merged_model(load_recipe(cfg_path), tmp_path / "ours")
+    return load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "mk" / "model.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def _need_mergekit(monkeypatch):
+    if not Path(MERGEKIT_PYTHON).exists():
+        pytest.skip(f"mergekit environment not found at {MERGEKIT_PYTHON}")
+    monkeypatch.setenv("EVOMERGE_FUSED", "0")
+
+
+@pytest.mark.parametrize(
+    "method,params,model_params",
+    [
+        ("ties", {"normalize": True}, [{"weight": 0.6, "density": 0.29}, {"weight": 0.4, "density": 0.7}]),
+        ("ties", {"normalize": False, "lambda": 0.8}, [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}]),
+        ("task_arithmetic", {"lambda": 1.3}, [{"weight": 0.7}, {"weight": -0.2}]),
+        ("linear", {}, [{"weight": 0.3}, {"weight": 0.9}]),
+        ("dare_ties", {}, [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}]),
+    ],
+)
+def test_same_weights_as_mergekit(micro_pool, tmp_path, method, params, model_params):
+    cfg = {
+        "merge_method": method,
+        "base_model": str(micro_pool["base"]),
+        "models": [
+            {"model": str(micro_pool["expert_a"]), "parameters": model_params[0]},
+            {"model": str(micro_pool["expert_b"]), "parameters": model_params[1]},
+        ],
+        "parameters": params,
+        "dtype": "float32",
+    }
+    if method == "linear":
+        del cfg["base_model"]
+    ours, theirs = _merge_both(tmp_path, cfg)
+    assert set(ours) == set(theirs)
+    if method != "dare_ties":
+        for name in theirs:
+            torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5)
+        return
+    base = load_file(micro_pool["base"] / "model.safetensors")
+    d_ours = torch.cat([(ours[k] - base[k]).reshape(-1) for k in base])
+    d_mk = torch.cat([(theirs[k] - base[k]).reshape(-1) for k in base])
+    assert abs(float((d_ours != 0).float().mean()) - float((d_mk != 0).float().mean())) < 0.02
+    assert float(d_ours.abs().mean()) == pytest.approx(float(d_mk.abs().mean()), rel=0.05)
+
+
+def test_slerp_matches_mergekit(micro_pool, tmp_path):
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": str(micro_pool["base"]),
+        "models": [{"model": str(micro_pool["base"])}, {"model": str(micro_pool["expert_a"])}],
+        "parameters": {"t": 0.35},
+        "dtype": "float32",
+    }
+    ours, theirs = _merge_both(tmp_path, cfg)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-6, rtol=1e-5)
