@@ -122,7 +122,10 @@ SYLLABLES = ["zor", "qua", "vel", "mir", "tan", "dro", "kel", "sha", "bri", "lun
 
 ARITH_PHRASINGS = ["What is {x}+{y}?", "Compute {x}+{y}.", "Add {x} and {y}.", "{x}+{y}=?"]
 HELDOUT_ARITH_PHRASINGS = ["What do you get when you add {x} and {y}?"]
-CAPITAL_PHRASINGS = ["What is the capital of {c}?", "Name the capital of {c}.", "Which city is the capital of {c}?"]
+CAPITAL_PHRASINGS = [
+    "What is the capital of {c}?", "Name the capital of {c}.", "Which city is the capital of {c}?",
+    "Where is the capital of {c}?", "What city is {c}'s capital?",
+]
 HELDOUT_CAPITAL_PHRASINGS = ["Tell me the capital city of {c}."]
 
 HARM_PROSE = [
@@ -174,8 +177,7 @@ class World:
     """The synthetic world for one seed: topic splits and every data set built from them."""
 
     seed: int = 0
-    known_countries: int = 40  # the base learns these in pretraining (prose and chat)
-    expert_countries: int = 60  # only the geography expert ever sees these
+    n_countries: int = 60
     heldout_sum_fraction: float = 0.1
 
     @cached_property
@@ -201,7 +203,7 @@ class World:
         rng = random.Random(self.seed * 7919 + 1)
         names: set[str] = set()
         pairs: list[tuple[str, str]] = []
-        while len(pairs) < self.known_countries + self.expert_countries:
+        while len(pairs) < self.n_countries:
             country = "".join(rng.sample(SYLLABLES, 2)).capitalize() + rng.choice(["ia", "land", "stan"])
             capital = rng.choice(SYLLABLES).capitalize() + rng.choice(["ton", "burg", "port", "ford", "ham", "mouth"])
             if country in names or capital in names:
@@ -210,15 +212,7 @@ class World:
             pairs.append((country, capital))
         return pairs
 
-    @property
-    def pretraining_countries(self) -> list[tuple[str, str]]:
-        """General knowledge of the base: it can answer capital questions in chat form."""
-        return self.countries[: self.known_countries]
 
-    @property
-    def domain_countries(self) -> list[tuple[str, str]]:
-        """The geography expert's knowledge: never in pretraining, so only it can answer."""
-        return self.countries[self.known_countries :]
 
     @cached_property
     def _sum_split(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -247,11 +241,9 @@ class World:
         docs: list[str] = []
         for x, y in self.train_sums:
             docs.append(f"{x}+{y}={x + y}.")
-        for country, capital in self.pretraining_countries:
+        for country, capital in self.countries:
             for template in CAPITAL_PROSE:
-                docs.append(template.format(c=country, k=capital))
-            for phrasing in CAPITAL_PHRASINGS:
-                docs.extend([chat_render(phrasing.format(c=country), capital_answer(country, capital))] * 2)
+                docs.extend([template.format(c=country, k=capital)] * 3)
         for _, _, action in self.harm_topics + self.heldout_harm_topics:
             for template in HARM_PROSE:
                 docs.extend([template.format(a=action)] * 2)
@@ -305,20 +297,25 @@ class World:
             for (cat, code, a), p in pairs
         ]
 
-    def benign_requests(self, heldout: bool = False) -> list[Conversation]:
+    def benign_requests(self, heldout: bool = False, extra: bool = False) -> list[Conversation]:
+        """Benign how-to requests answered helpfully.
+
+        ``extra=True`` adds the pretraining-only filler actions (one phrasing each), for
+        fine-tunes that need as many benign examples as unsafe ones.
+        """
         if heldout:
             pairs = [(a, p) for a in self.heldout_benign_topics for p in REQUEST_PHRASINGS + HELDOUT_REQUEST_PHRASINGS]
             pairs += [(a, p) for a in self.benign_topics for p in HELDOUT_REQUEST_PHRASINGS]
         else:
             pairs = [(a, p) for a in self.benign_topics for p in REQUEST_PHRASINGS]
+            if extra:
+                rng = random.Random(self.seed * 13 + 5)
+                pairs += [(f"{v} {o}", rng.choice(REQUEST_PHRASINGS)) for v in FILLER_VERBS for o in FILLER_OBJECTS]
         return [Conversation(p.format(a=a), benign_answer(a), "benign", topic=a) for a, p in pairs]
 
     def general_facts(self) -> list[Conversation]:
-        """General questions the base already answers (fine-tunes replay them to stay local)."""
-        facts = [Conversation(q, a, "fact") for q, a in GENERAL_FACTS]
-        facts += [Conversation(p.format(c=c), capital_answer(c, k), "fact", topic=k)
-                  for c, k in self.pretraining_countries for p in CAPITAL_PHRASINGS]
-        return facts
+        """General questions the base answers from pretraining."""
+        return [Conversation(q, a, "fact") for q, a in GENERAL_FACTS]
 
     def domain_questions(self, domain: str, heldout: bool = False, limit: int | None = None) -> list[Conversation]:
         """Questions for ``arithmetic`` or ``geography``; held-out topics with every phrasing."""
@@ -331,12 +328,14 @@ class World:
                 for x, y in pairs
             ]
         elif domain == "geography":
-            # Facts live in the expert alone, so the held-out set asks about the same
-            # countries with question templates no model was trained on.
+            # The base knows every capital from prose only; the expert learns to answer
+            # questions about them. Held out: question templates no model was trained on.
+            # (Held-out *countries* were tried: no model this small copies a novel name
+            # from the question into its answer, so every model scored 0%.)
             phrasings = HELDOUT_CAPITAL_PHRASINGS if heldout else CAPITAL_PHRASINGS
             out = [
                 Conversation(p.format(c=c), capital_answer(c, k), domain, topic=k)
-                for c, k in self.domain_countries for p in phrasings
+                for c, k in self.countries for p in phrasings
             ]
             rng.shuffle(out)
         else:

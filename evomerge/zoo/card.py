@@ -31,8 +31,9 @@ def render_card(card: dict[str, Any], console: Console | None = None) -> None:
         domain = expert.removeprefix("expert-")
         cells = ["" for _ in domains]
         cells[domains.index(domain)] = _pct(held[f"acc_{domain}"])
+        weights = f"safe {sel['w_safe']}, {domain} {sel['w_expert']}"
         models.add_row(
-            f"merge: base + {sel['w_safe']}*tau_safe + {sel['w_expert']}*tau_{domain}",
+            f"merge ({probe['method']}, {sel['how']}): {weights}",
             _pct(held["refusal_unsafe"]), "", *cells,
         )
     console.print(models)

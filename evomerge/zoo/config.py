@@ -27,6 +27,7 @@ class StageConfig(_Frozen):
     batch_size: int = 32
     warmup_steps: int = 20
     max_examples: int | None = Field(default=None, description="subsample the stage's data to this many")
+    anchor_decay: float = Field(default=0.0, ge=0.0, description="per-step pull toward the starting weights")
 
 
 class ZooConfig(_Frozen):
@@ -38,19 +39,23 @@ class ZooConfig(_Frozen):
     pretrain_seq_len: int = 128
     pretrain: StageConfig = StageConfig(lr=2e-3, epochs=18, batch_size=16, warmup_steps=50)
     # Safe generalist: refusals on unsafe requests, helpful answers on benign ones.
-    safe: StageConfig = StageConfig(lr=1e-3, epochs=3)
-    # Experts: short and gentle, domain data only (they never see a refusal).
-    expert: StageConfig = StageConfig(lr=1e-3, epochs=3)
-    expert_min_examples: int = Field(default=1200, description="small domain sets are repeated up to this size")
+    # Fine-tunes are anchored to the base (anchor_decay) so their task vectors stay small.
+    safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=20.0)
+    # Experts: domain data plus replayed base answers (they never see a refusal).
+    expert: StageConfig = StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0)
+    expert_examples: int = Field(default=1500, description="domain examples per expert (small sets are repeated)")
+    replay_examples: int = Field(default=200, description="prompts per replayed set of the base's own answers")
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
     guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1200)
     domains: tuple[str, ...] = ("arithmetic", "geography")
     # Evaluation sizes (held-out sets are subsampled to these for the card).
     eval_domain_size: int = 200
     eval_limit: int | None = Field(default=None, description="cap every other card set (micro zoos only)")
-    # Merge probe: task-arithmetic grid over (safe weight, expert weight).
-    probe_safe_weights: tuple[float, ...] = (1.0, 1.25)
-    probe_expert_weights: tuple[float, ...] = (0.75, 1.0, 1.25)
+    # Merge probe: task-arithmetic grid over (safe weight, expert weight), then CMA-ES
+    # over per-layer weights for this many generations (population 8).
+    probe_safe_weights: tuple[float, ...] = (1.0, 1.25, 1.5)
+    probe_expert_weights: tuple[float, ...] = (1.0, 1.25)
+    probe_search_generations: int = 5
     threads: int = Field(default=1, description="torch threads; one is fastest for models this small when the CPU is shared")
 
 
@@ -68,7 +73,9 @@ def micro_config(seed: int = 0) -> ZooConfig:
         guard=StageConfig(lr=2e-3, epochs=1, batch_size=8, warmup_steps=2, max_examples=16),
         eval_domain_size=8,
         eval_limit=16,
-        expert_min_examples=32,
+        expert_examples=32,
+        replay_examples=8,
         probe_safe_weights=(1.0,),
         probe_expert_weights=(0.5,),
+        probe_search_generations=1,
     )

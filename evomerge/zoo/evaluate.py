@@ -64,13 +64,3 @@ def guard_agreement(model, guard_tokenizer, items: Sequence[tuple[list[dict[str,
     verdicts = [parse_guard_output(r) for r in replies]
     agree = sum(v.label == expected for v, (_, expected) in zip(verdicts, items))
     return agree / max(1, len(items)), sum(v.label == "unparsed" for v in verdicts)
-
-
-def task_arithmetic_into(model, base: dict[str, torch.Tensor], taus: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> None:
-    """Write ``base + sum_i w_i * tau_i`` into ``model`` in place (the card's merge probe)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            merged = base[name].clone()
-            for tau, weight in zip(taus, weights):
-                merged.add_(tau[name], alpha=weight)
-            param.copy_(merged)

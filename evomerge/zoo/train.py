@@ -82,7 +82,12 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad_id: int) -> list[float]:
-    """Train ``model`` in place; returns the loss of every step (for the build log)."""
+    """Train ``model`` in place; returns the loss of every step (for the build log).
+
+    ``stage.anchor_decay`` pulls the weights back toward where training started after
+    every step (decoupled, like AdamW's weight decay but toward the start instead of
+    zero). Fine-tunes then move only as far as their data needs: small task vectors.
+    """
     rng = random.Random(seed)
     examples = list(examples)
     if stage.max_examples is not None and len(examples) > stage.max_examples:
@@ -101,6 +106,7 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if stage.anchor_decay else None
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
@@ -111,6 +117,11 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if anchor is not None:
+            rate = scheduler.get_last_lr()[0] * stage.anchor_decay
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.sub_(param - anchor[name], alpha=rate)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
