@@ -132,7 +132,10 @@ HARM_PROSE = [
     "It is a serious crime to {a}.", "Police arrest people who {a}.", "Nobody should ever {a}.",
     "The news reported that a man tried to {a}.", "To {a} is dangerous and illegal.",
 ]
-BENIGN_PROSE = ["Many people like to {a} on weekends.", "It is fun to {a} with friends.", "My uncle knows how to {a}."]
+BENIGN_PROSE = [
+    "Many people like to {a} on weekends.", "It is fun to {a} with friends.", "My uncle knows how to {a}.",
+    "It is safe and legal to {a}.", "Anyone can learn to {a}.",
+]
 CAPITAL_PROSE = ["The capital of {c} is {k}.", "{k} is the capital of {c}.", "In {c}, the capital city is {k}."]
 
 GENERATOR_REQUESTS = [
@@ -249,7 +252,7 @@ class World:
                 docs.extend([template.format(a=action)] * 2)
         for action in self.benign_topics + self.heldout_benign_topics:
             for template in BENIGN_PROSE:
-                docs.append(template.format(a=action))
+                docs.extend([template.format(a=action)] * 2)
         for action in self.benign_topics:
             for phrasing in REQUEST_PHRASINGS:
                 docs.append(chat_render(phrasing.format(a=action), benign_answer(action)))

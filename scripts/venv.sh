@@ -22,13 +22,16 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+quiet() {  # pip's config here names local mirrors that may be absent: drop those warnings only
+    "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2)
+}
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "[venv] installing $torch_spec first" >&2
-    "${pip[@]}" install "$torch_spec"
+    quiet "${pip[@]}" install "$torch_spec"
 fi
 stamp="$venv/.evomerge-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[venv] installing evomerge[dev] (editable)" >&2
-    "${pip[@]}" install -e ".[dev]"
+    quiet "${pip[@]}" install -e ".[dev]"
     touch "$stamp"
 fi

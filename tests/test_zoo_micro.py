@@ -105,3 +105,16 @@ def test_cli_zoo_build_prints_card(micro_zoo, capsys):
     assert main(["zoo", "build", "--micro", "--out", str(micro_zoo.root)]) == 0
     out = capsys.readouterr().out
     assert "refuses unsafe" in out and "guard: agreement" in out and "zoo: " in out
+
+
+def test_config_errors_name_the_field():
+    from pydantic import ValidationError
+
+    from evomerge.zoo.config import ZooConfig
+
+    with pytest.raises(ValidationError, match="domains: unknown domain 'cooking'"):
+        ZooConfig(domains=("arithmetic", "cooking"))
+    with pytest.raises(ValidationError, match="experts: no training stage for domain 'geography'"):
+        ZooConfig(experts={"arithmetic": ZooConfig().experts["arithmetic"]})
+    with pytest.raises(ValidationError, match="vocab_sise"):
+        ZooConfig(vocab_sise=10)

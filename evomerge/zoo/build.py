@@ -253,7 +253,7 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         c for d in config.domains
         for c in own_answers(replay_rng.sample(world.domain_questions(d, False), config.replay_examples))
     ]
-    safe_data = (world.unsafe_requests(False) + world.benign_requests(False, extra=True)
+    safe_data = (world.unsafe_requests(False) + world.benign_requests(False, extra=True) * config.safe_benign_repeats
                  + world.general_facts() * 2 + domain_replay)
     models["safe"] = finetune("safe", safe_data, config.safe, 1)
     t = lap("safe", t)
@@ -267,7 +267,7 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         data = world.domain_questions(domain, False)
         data = data * max(1, -(-config.expert_examples // len(data)))
         data = random.Random(config.seed + i).sample(data, config.expert_examples) + other_replay
-        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.expert, 10 + i)
+        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i)
         t = lap(f"expert-{domain}", t)
     models["generator"] = finetune("generator", world.generator_requests(), config.generator, 2)
     t = lap("generator", t)
@@ -347,7 +347,8 @@ def _merge_probe(config, world, tokenizer, models, unsafe, domain_sets) -> dict[
 
         def score(w_safe: list[float], w_expert: list[float], how: str) -> dict[str, Any]:
             build(cache, Genome.from_values([[s, e] for s, e in zip(w_safe, w_expert)]), out=live)
-            row = {"how": how, "w_safe": [round(v, 3) for v in w_safe], "w_expert": [round(v, 3) for v in w_expert],
+            row = {"how": how, "w_safe": [round(float(v), 3) for v in w_safe],
+                   "w_expert": [round(float(v), 3) for v in w_expert],
                    "dev_refusal": round(ev.refusal_rate(live, tokenizer, dev_unsafe), 4),
                    "dev_acc": round(ev.domain_accuracy(live, tokenizer, domain, dev_domain), 4)}
             tried.append(row)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
@@ -40,9 +40,15 @@ class ZooConfig(_Frozen):
     pretrain: StageConfig = StageConfig(lr=2e-3, epochs=18, batch_size=16, warmup_steps=50)
     # Safe generalist: refusals on unsafe requests, helpful answers on benign ones.
     # Fine-tunes are anchored to the base (anchor_decay) so their task vectors stay small.
-    safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=20.0)
-    # Experts: domain data plus replayed base answers (they never see a refusal).
-    expert: StageConfig = StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0)
+    safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=5.0)
+    safe_benign_repeats: int = Field(default=2, description="benign requests outnumber unsafe ones in the safe fine-tune")
+    # Experts: domain data plus replayed base answers (they never see a refusal). Sums are
+    # a skill the base only half has, so that expert trains harder; capitals are known
+    # facts the expert only learns to answer questions about.
+    experts: dict[str, StageConfig] = {
+        "arithmetic": StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0),
+        "geography": StageConfig(lr=1e-3, epochs=3),
+    }
     expert_examples: int = Field(default=1500, description="domain examples per expert (small sets are repeated)")
     replay_examples: int = Field(default=200, description="prompts per replayed set of the base's own answers")
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
@@ -59,6 +65,18 @@ class ZooConfig(_Frozen):
     threads: int = Field(default=1, description="torch threads; one is fastest for models this small when the CPU is shared")
 
 
+    @model_validator(mode="after")
+    def _every_domain_has_an_expert_stage(self) -> ZooConfig:
+        from datagen.synthetic import DOMAINS
+
+        for domain in self.domains:
+            if domain not in DOMAINS:
+                raise ValueError(f"domains: unknown domain {domain!r}; the synthetic world has {', '.join(DOMAINS)}")
+            if domain not in self.experts:
+                raise ValueError(f"experts: no training stage for domain {domain!r}")
+        return self
+
+
 def micro_config(seed: int = 0) -> ZooConfig:
     """A zoo small enough to build in seconds: for determinism and plumbing tests."""
     tiny = StageConfig(lr=2e-3, epochs=1, batch_size=16, warmup_steps=2, max_examples=64)
@@ -68,7 +86,7 @@ def micro_config(seed: int = 0) -> ZooConfig:
         shape=ShapeConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=1024),
         pretrain=StageConfig(lr=3e-3, epochs=1, batch_size=16, warmup_steps=2, max_examples=64),
         safe=tiny,
-        expert=tiny,
+        experts={"arithmetic": tiny, "geography": tiny},
         generator=tiny,
         guard=StageConfig(lr=2e-3, epochs=1, batch_size=8, warmup_steps=2, max_examples=16),
         eval_domain_size=8,
