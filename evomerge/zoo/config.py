@@ -40,7 +40,7 @@ class ZooConfig(_Frozen):
     pretrain: StageConfig = StageConfig(lr=2e-3, epochs=18, batch_size=16, warmup_steps=50)
     # Safe generalist: refusals on unsafe requests, helpful answers on benign ones.
     # Fine-tunes are anchored to the base (anchor_decay) so their task vectors stay small.
-    safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=5.0)
+    safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=2.0)
     safe_benign_repeats: int = Field(default=2, description="benign requests outnumber unsafe ones in the safe fine-tune")
     # Experts: domain data plus replayed base answers (they never see a refusal). Sums are
     # a skill the base only half has, so that expert trains harder; capitals are known
@@ -61,7 +61,10 @@ class ZooConfig(_Frozen):
     # over per-layer weights for this many generations (population 8).
     probe_safe_weights: tuple[float, ...] = (1.0, 1.25, 1.5)
     probe_expert_weights: tuple[float, ...] = (1.0, 1.25)
-    probe_search_generations: int = 5
+    probe_search_generations: int = 8
+    probe_min_dev_refusal: float = Field(
+        default=0.99, description="a probe merge counts as safe only above this held-in refusal rate"
+    )
     threads: int = Field(default=1, description="torch threads; one is fastest for models this small when the CPU is shared")
 
 
