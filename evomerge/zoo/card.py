@@ -25,18 +25,23 @@ def render_card(card: dict[str, Any], console: Console | None = None) -> None:
         models.add_column(f"{d} acc", justify="right")
     for name, row in card["models"].items():
         models.add_row(name, _pct(row["refusal_unsafe"]), _pct(row["refusal_benign"]), *[_pct(row[f"acc_{d}"]) for d in domains])
+    merges = []
     for expert, probe in card["merge_probe"].items():
         sel = probe["selected"]
         held = probe["heldout"]
         domain = expert.removeprefix("expert-")
         cells = ["" for _ in domains]
         cells[domains.index(domain)] = _pct(held[f"acc_{domain}"])
-        weights = f"safe {sel['w_safe']}, {domain} {sel['w_expert']}"
-        models.add_row(
-            f"merge ({probe['method']}, {sel['how']}): {weights}",
-            _pct(held["refusal_unsafe"]), "", *cells,
+        label = f"merge: safe + {domain}"
+        models.add_row(label, _pct(held["refusal_unsafe"]), "", *cells)
+        merges.append(
+            f"{label}: {probe['method']} ({sel['how']}), per-layer weights safe {sel['w_safe']}, "
+            f"{domain} {sel['w_expert']}; chosen on held-in prompts (refusal {_pct(sel['dev_refusal'])}%, "
+            f"accuracy {_pct(sel['dev_acc'])}%) among {len(probe['tried'])} candidates"
         )
     console.print(models)
+    for line in merges:
+        console.print(line)
     guard = card["guard"]
     gen = card["generator"]
     console.print(
