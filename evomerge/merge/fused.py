@@ -18,26 +18,30 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_MASK32 = 0xFFFFFFFF
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """32-bit integer finaliser (xorshift-multiply); int64 lanes, products stay below 2**63."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
+    """32-bit integer finaliser (xorshift-multiply) on int32 lanes.
+
+    int32 rather than int64: twice the SIMD lanes and a native 32-bit multiply, which
+    roughly halves the cost of the compute-bound DARE kernel. Products wrap mod 2**32
+    (two's complement), and the shifts are arithmetic, so each ``>> s`` is masked to the
+    bits a logical shift keeps: the result is bit-identical to the unsigned hash.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x5BD1E995
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def hash_uniform(idx: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
-    """U[0,1) with 24-bit resolution from (key, flat index): a counter-based RNG.
+    """U[0,1) with 24-bit resolution from (key, int32 flat index): a counter-based RNG.
 
     Regenerated inside the kernel instead of stored; the same (seed, expert, tensor)
     key gives the same field on every build, so ``u < d`` masks nest across densities.
+    The int64 key halves (values below 2**32) wrap to int32 with the same bits.
     """
-    x = _mix32(((idx + key_hi) ^ key_lo) & _MASK32)  # one round: the kernel is compute-bound on CPU
-    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    x = _mix32((idx + key_hi.to(torch.int32)) ^ key_lo.to(torch.int32))  # one round: compute-bound on CPU
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def _consensus(ws: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -113,7 +117,7 @@ def dare_kernel(
     TIES consensus. ``normalize`` for dare_linear is folded into ``factors`` by the caller.
     """
     n = taus.shape[1]
-    idx = torch.arange(n, device=taus.device)
+    idx = torch.arange(n, dtype=torch.int32, device=taus.device)
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k]

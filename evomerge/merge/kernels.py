@@ -186,7 +186,7 @@ def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
     """Fill flat ``out`` with the U[0,1) field of ``key`` (same hash as the fused DARE kernel)."""
     from evomerge.merge.fused import hash_uniform
 
-    idx = torch.arange(out.numel(), device=out.device)
+    idx = torch.arange(out.numel(), dtype=torch.int32, device=out.device)
     lo = torch.tensor(key & 0xFFFFFFFF, device=out.device)
     hi = torch.tensor((key >> 32) & 0xFFFFFFFF, device=out.device)
     return out.copy_(hash_uniform(idx, lo, hi))
