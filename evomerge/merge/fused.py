@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """32-bit integer finaliser (xorshift-multiply) on int32 lanes.
 
-    int32 rather than int64: twice the SIMD lanes and a native 32-bit multiply (about
-    30% faster when it ran inside the DARE build kernel). Products wrap mod 2**32
+    int32 rather than int64: twice the SIMD lanes and a native 32-bit multiply (prepare
+    hashes every element of every expert). Products wrap mod 2**32
     (two's complement), and the shifts are arithmetic, so each ``>> s`` is masked to the
     bits a logical shift keeps: the result is bit-identical to the unsigned hash.
     """
