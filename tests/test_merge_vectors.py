@@ -144,6 +144,37 @@ def test_dare_masks_nest_and_repeat():
     assert float(build(cache, Genome.from_values([1.0], [0.0]))["w"].abs().sum()) == 0.0
 
 
+def test_dare_hash_matches_the_unsigned_32bit_formula():
+    """The int32-lane hash is bit-identical to the unsigned one it replaced."""
+    mask = 0xFFFFFFFF
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & mask
+        x ^= x >> 15
+        x = (x * 0x5BD1E995) & mask
+        return x ^ (x >> 16)
+
+    key = (1 << 63) - 12345  # both key halves have the top bit set
+    u = K.keyed_uniform(key, torch.empty(1000))
+    want = [(mix(((i + (key >> 32)) ^ (key & mask)) & mask) >> 8) / 2**24 for i in range(1000)]
+    assert u.tolist() == want
+
+
+def test_dare_quantiles_give_the_full_field_mask_at_the_snapped_density():
+    u = torch.tensor([0.0, 0.5 - 2**-24, 0.5, 0.8, 1 - 2**-24])
+    hi, lo = K.dare_quantiles(u)
+    q = hi.int() * 256 + lo.int()
+    assert q.tolist() == [0, 32767, 32768, 52428, 65535]
+    assert [K.dare_level(d) for d in (-0.1, 0.0, 0.5, 0.8, 1.0, 2.0)] == [0, 0, 32768, 52429, 65536, 65536]
+    field = K.keyed_uniform(K.tensor_key(0, "a", "w"), torch.empty(5000))
+    hi, lo = K.dare_quantiles(field)
+    q = hi.int() * 256 + lo.int()
+    for d in (0.0, 1e-6, 0.3, 0.8, 0.99999, 1.0):
+        g = K.dare_level(d)
+        assert torch.equal(q < g, field < g / K.DARE_GRID)
+
+
 # --------------------------------------------------------------------------- TSVM 7.5 / 7.6
 C60, S60 = math.cos(math.pi / 3), math.sin(math.pi / 3)
 TS1 = [[3, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]

@@ -4,8 +4,8 @@ Eager TIES/DARE need a dozen passes over ``(T, n)`` per tensor; written with the
 expert axis unrolled, every step is pointwise over ``n`` and ``torch.compile``
 (inductor: C++ on CPU, Triton on GPU) fuses them into one loop that reads the cached
 task vectors and the base once and writes the output once. The same functions run
-eagerly when compilation is off or unavailable, with identical results (the DARE
-uniform field is an integer hash, bit-identical in both modes).
+eagerly when compilation is off or unavailable, with identical results (DARE compares
+stored 16-bit quantiles of an integer-hash field: exact in both modes).
 """
 
 from __future__ import annotations
@@ -18,26 +18,30 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_MASK32 = 0xFFFFFFFF
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """32-bit integer finaliser (xorshift-multiply); int64 lanes, products stay below 2**63."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
+    """32-bit integer finaliser (xorshift-multiply) on int32 lanes.
+
+    int32 rather than int64: twice the SIMD lanes and a native 32-bit multiply (prepare
+    hashes every element of every expert). Products wrap mod 2**32
+    (two's complement), and the shifts are arithmetic, so each ``>> s`` is masked to the
+    bits a logical shift keeps: the result is bit-identical to the unsigned hash.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x5BD1E995
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def hash_uniform(idx: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
-    """U[0,1) with 24-bit resolution from (key, flat index): a counter-based RNG.
+    """U[0,1) with 24-bit resolution from (key, int32 flat index): a counter-based RNG.
 
-    Regenerated inside the kernel instead of stored; the same (seed, expert, tensor)
-    key gives the same field on every build, so ``u < d`` masks nest across densities.
+    The same (seed, expert, tensor) key gives the same field on every prepare, so
+    ``u < d`` masks nest across densities; the cache keeps its 16-bit quantiles.
+    The int64 key halves (values below 2**32) wrap to int32 with the same bits.
     """
-    x = _mix32(((idx + key_hi) ^ key_lo) & _MASK32)  # one round: the kernel is compute-bound on CPU
-    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    x = _mix32((idx + key_hi.to(torch.int32)) ^ key_lo.to(torch.int32))
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def _consensus(ws: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -97,8 +101,10 @@ def dare_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
     base: torch.Tensor,
-    key_lo: torch.Tensor,
-    key_hi: torch.Tensor,
+    u_hi: torch.Tensor,
+    u_lo: torch.Tensor,
+    level_hi: torch.Tensor,
+    level_lo: torch.Tensor,
     dens: torch.Tensor,
     factors: torch.Tensor,
     coeffs: torch.Tensor,
@@ -108,16 +114,18 @@ def dare_kernel(
     normalize: bool,
     l1: bool,
 ) -> None:
-    """``out = base + scale * DARE(taus)``: keep ``u < d_k``, scale by ``factors_k`` (``c_k``
-    times the rescale; with ``l1`` the L1-matching ratio is computed here), then sum or
-    TIES consensus. ``normalize`` for dare_linear is folded into ``factors`` by the caller.
+    """``out = base + scale * DARE(taus)``: keep ``q < g_k`` (16-bit quantile of the keyed
+    field vs the snapped density level, compared byte by byte), scale by ``factors_k``
+    (``c_k`` times the rescale; with ``l1`` the L1-matching ratio is computed here), then
+    sum or TIES consensus. ``normalize`` for dare_linear is folded into ``factors`` by the
+    caller.
     """
-    n = taus.shape[1]
-    idx = torch.arange(n, device=taus.device)
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k]
-        m = torch.where(hash_uniform(idx, key_lo[k], key_hi[k]) < dens[k], x, 0.0)
+        hi = u_hi[k].to(torch.int32)  # explicit: uint8 vs a 0-d int32 would compare in uint8
+        keep = (hi < level_hi[k]) | ((hi == level_hi[k]) & (u_lo[k].to(torch.int32) < level_lo[k]))
+        m = torch.where(keep, x, 0.0)
         f = factors[k]
         if l1:
             # float64 accumulation: a compiled fp32 reduction over millions of small

@@ -186,10 +186,33 @@ def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
     """Fill flat ``out`` with the U[0,1) field of ``key`` (same hash as the fused DARE kernel)."""
     from evomerge.merge.fused import hash_uniform
 
-    idx = torch.arange(out.numel(), device=out.device)
+    idx = torch.arange(out.numel(), dtype=torch.int32, device=out.device)
     lo = torch.tensor(key & 0xFFFFFFFF, device=out.device)
     hi = torch.tensor((key >> 32) & 0xFFFFFFFF, device=out.device)
     return out.copy_(hash_uniform(idx, lo, hi))
+
+
+DARE_GRID = 65536  # 16-bit quantiles of the uniform field
+
+
+def dare_quantiles(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q = floor(65536 u)`` of a flat U[0,1) field as (high byte, low byte) uint8 planes.
+
+    Stored once per tensor and expert (2 B per element) so a build compares bytes instead
+    of rehashing, which made the DARE kernel compute-bound. Two uint8 planes because
+    inductor vectorises uint8 but not 16-bit integer loads.
+    """
+    q = (u * DARE_GRID).to(torch.int32)  # exact: scaling by a power of two, then floor
+    return (q >> 8).to(torch.uint8), (q & 0xFF).to(torch.uint8)
+
+
+def dare_level(density: float) -> int:
+    """Density snapped to the nearest ``g/65536`` (clamped to ``[0, 65536]``).
+
+    ``floor(65536 u) < g`` exactly when ``u < g/65536``, so a stored quantile and the
+    snapped density give the mask of the full-resolution field at that density.
+    """
+    return min(DARE_GRID, max(0, round(density * DARE_GRID)))
 
 
 # --------------------------------------------------------------------------- TSVM

@@ -340,16 +340,19 @@ class Ties(_Base):
 @dataclass
 class DareState:
     taus: torch.Tensor  # (T, n)
-    key_lo: torch.Tensor  # (T,) int64: low/high 32 bits of each expert's RNG key
-    key_hi: torch.Tensor
+    u_hi: torch.Tensor  # (T, n) uint8: high byte of each expert's 16-bit uniform quantile
+    u_lo: torch.Tensor  # (T, n) uint8: low byte
     l1: torch.Tensor  # (T,) float32: ||tau_k||_1, for the L1-matching rescale
 
 
 class _Dare(_Base):
     """DARE (section 3): keep ``u < d`` from a keyed uniform field, rescale, then merge.
 
-    ``u`` is a counter-based hash of ``(seed, expert, tensor, index)`` recomputed inside
-    the build kernel, so masks nest across densities and cost no memory.
+    ``u`` is a counter-based hash of ``(seed, expert, tensor, index)``, hashed once in
+    prepare and kept as 16-bit quantiles (2 B per element and expert), so a build is a
+    byte compare instead of a hash. The mask's density snaps to the nearest ``g/65536``
+    (like TIES's ``density_grid``); masks still nest across densities and need no
+    per-density storage. The rescale uses the requested density.
     """
 
     options_model = DareOptions
@@ -357,17 +360,15 @@ class _Dare(_Base):
     ties: ClassVar[bool] = False
 
     def state_bytes(self, shape, n_experts, options) -> int:
-        return 4 * n_experts * math.prod(shape)
+        return (4 + 2) * n_experts * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> DareState:
         stack = _stack(taus)
-        keys = [K.tensor_key(options.seed, e, info.name) for e in info.expert_names]
-        dev = stack.device
-        lo = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
-        hi = torch.tensor([(k >> 32) & 0xFFFFFFFF for k in keys], dtype=torch.int64, device=dev)
+        fields = [K.keyed_uniform(K.tensor_key(options.seed, e, info.name), torch.empty_like(stack[0])) for e in info.expert_names]
+        hi, lo = zip(*(K.dare_quantiles(u) for u in fields))
         # float64 sums: torch's fp32 vector_norm(ord=1) is ~4% low on 25M-entry tensors
         l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
-        return DareState(stack, lo, hi, l1)
+        return DareState(stack, torch.stack(hi), torch.stack(lo), l1)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if options.rescale == "l1":
@@ -378,14 +379,17 @@ class _Dare(_Base):
         if not self.ties and options.normalize and abs(total) >= 1e-8:
             factors = [f / total for f in factors]
         dev = base.device
+        levels = torch.tensor([K.dare_level(d) for d in cand.densities], dtype=torch.int32, device=dev)
         F.run(
             "dare",
             ws.compiled,
             dst,
             state.taus,
             base,
-            state.key_lo,
-            state.key_hi,
+            state.u_hi,
+            state.u_lo,
+            levels >> 8,
+            levels & 0xFF,
             torch.tensor(cand.densities, dtype=torch.float32, device=dev),
             torch.tensor(factors, dtype=torch.float32, device=dev),
             cand.coeffs,

@@ -71,13 +71,9 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
     if method in ("dare_linear", "dare_ties"):
         rows = []
         for k, (t, dk) in enumerate(zip(taus, d)):
-            if dk >= 1:
-                m = torch.ones_like(t, dtype=torch.bool)
-            elif dk <= 0:
-                m = torch.zeros_like(t, dtype=torch.bool)
-            else:
-                u = K.keyed_uniform(K.tensor_key(opts.seed, ctx["experts"][k], name), torch.empty(t.numel()))
-                m = (u < dk).view_as(t)
+            # full-resolution field against the snapped density: what the 16-bit quantiles give
+            u = K.keyed_uniform(K.tensor_key(opts.seed, ctx["experts"][k], name), torch.empty(t.numel()))
+            m = (u < K.dare_level(dk) / K.DARE_GRID).view_as(t)
             masked = t * m
             rows.append(masked * dare_rescale(opts.rescale, dk, float(t.abs().sum(dtype=torch.float64)), masked))
         wt = cb * torch.stack(rows)
