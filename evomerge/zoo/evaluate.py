@@ -23,7 +23,6 @@ def render_prompt(tokenizer, prompt: str) -> str:
 def generate(model, tokenizer, prompt_texts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 128) -> list[str]:
     """Greedy continuations of already-rendered prompts, batched with left padding."""
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
     order = sorted(range(len(prompt_texts)), key=lambda i: len(prompt_texts[i]))
     results: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
@@ -38,8 +37,7 @@ def generate(model, tokenizer, prompt_texts: Sequence[str], max_new_tokens: int 
         )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         results.update(zip(idx, texts))
-    outputs = [results[i] for i in range(len(prompt_texts))]
-    return outputs
+    return [results[i] for i in range(len(prompt_texts))]
 
 
 def answers(model, tokenizer, conversations: Sequence[Conversation], max_new_tokens: int = 24) -> list[str]:
