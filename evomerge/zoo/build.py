@@ -25,10 +25,11 @@ import torch
 
 import datagen.synthetic as synthetic
 from datagen.synthetic import Conversation, World
+from evomerge.errors import EvomergeError
 from evomerge.io_utils import atomic_directory, atomic_write_text
 from evomerge.zoo import evaluate as ev
 from evomerge.zoo.config import ZooConfig
-from evomerge.zoo.tokenizer import GUARD_TEMPLATE_TEXT, train_tokenizer, with_guard_template
+from evomerge.zoo.tokenizer import GUARD_CHAT_TEMPLATE, train_tokenizer, with_guard_template
 from evomerge.zoo.train import Example, encode_chat_examples, pack_documents, train
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,6 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
         if card.get("key") == zoo_key(config):
             log.info("zoo cache hit: %s", root)
             return Zoo(root, card)
-        if out is None:
-            raise RuntimeError(f"cache folder {root} holds another zoo")  # hash collision: never expected
-        from evomerge.errors import EvomergeError
-
         raise EvomergeError(f"{root} holds a zoo built from another config or code version; pass --force to rebuild")
 
     torch.set_num_threads(config.threads)
@@ -209,7 +206,8 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
     t = time.perf_counter()
     world = World(seed=config.seed)
     rng = random.Random(config.seed)
-    tokenizer = train_tokenizer(world.tokenizer_lines(GUARD_TEMPLATE_TEXT), config.vocab_size)
+    # The guard template is part of the BPE corpus so the guard prompt stays short.
+    tokenizer = train_tokenizer(world.tokenizer_lines(GUARD_CHAT_TEMPLATE), config.vocab_size)
     guard_tokenizer = with_guard_template(tokenizer)
     pad = tokenizer.pad_token_id
 

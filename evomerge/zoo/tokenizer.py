@@ -72,8 +72,6 @@ GUARD_CHAT_TEMPLATE = (
     "{{ '<|assistant|>\\n' }}"  # an expression: Jinja drops a template's final bare newline
 )
 
-GUARD_TEMPLATE_TEXT = GUARD_CHAT_TEMPLATE  # included in BPE training so the prompt stays short
-
 
 def train_tokenizer(lines: Iterable[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``lines`` and wrap it with the zoo chat template.
