@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def random_genome(rng: random.Random, n_experts: int, groups: int, method: str) 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_cached_build_equals_uncached(method):
-    rng = random.Random(hash(method) % 1000)
+    rng = random.Random(zlib.crc32(method.encode()))  # str hash() changes per process
     n_experts = 1 if method == "slerp" else 3
     pool = random_pool(n_experts)
     for options in METHOD_OPTIONS[method]:

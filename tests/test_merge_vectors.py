@@ -131,7 +131,7 @@ def test_dare_vectors(fixed_uniform, method, options, expected):
 
 
 def test_dare_masks_nest_and_repeat():
-    x = torch.randn(64, 48)
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
     pool = StatePool({"w": torch.zeros_like(x)}, {"a": {"w": x}})
     cache = prepare(pool, "dare_linear", {"rescale": "none"})
     kept = [build(cache, Genome.from_values([1.0], [d]))["w"] != 0 for d in (0.1, 0.3, 0.5, 0.9)]
