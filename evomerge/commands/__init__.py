@@ -2,6 +2,7 @@
 
 from evomerge.commands import merge as _merge
 from evomerge.commands import pool as _pool
+from evomerge.commands import search as _search
 from evomerge.commands import zoo as _zoo
 
-COMMANDS = [_zoo.register, _merge.register, _pool.register]
+COMMANDS = [_zoo.register, _search.register, _merge.register, _pool.register]

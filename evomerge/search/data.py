@@ -1,0 +1,113 @@
+"""Question/answer sets for the fitness and the held-out check.
+
+Files are JSONL, JSON or parquet (read with pandas) or a folder saved by
+``datasets.save_to_disk``. ``zoo:...`` paths resolve inside the tiny zoo, which is built
+on first use and cached afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError
+
+ZOO_PREFIX = "zoo:"
+
+
+def resolve_path(text: str) -> str:
+    """``zoo:NAME`` -> the zoo folder's ``NAME`` (the default zoo is built if missing)."""
+    if not text.startswith(ZOO_PREFIX):
+        return text
+    rel = text[len(ZOO_PREFIX) :].strip("/")
+    root = _zoo_root()
+    target = root / rel
+    if not target.exists():
+        raise ConfigError(f"{text}: no '{rel}' in the zoo at {root}")
+    return str(target)
+
+
+@functools.lru_cache(maxsize=1)
+def _zoo_root() -> Path:
+    from evomerge.zoo import build_zoo
+
+    return build_zoo().root
+
+
+@dataclass(frozen=True)
+class QASet:
+    """Rows of one data set; ``pairs`` are (prompt, answer), ``rows`` keep every column."""
+
+    name: str
+    source: str
+    rows: tuple[dict[str, Any], ...]
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(r[self.prompt_field], r[self.answer_field]) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample(self, n: int | None, seed: int) -> QASet:
+        """A fixed random subset of ``n`` rows (all rows when ``n`` is None or larger).
+
+        Why fixed: every candidate is scored on the same samples (common random numbers),
+        so differences in fitness come from the genome and not from the draw.
+        """
+        if n is None or n >= len(self.rows):
+            return self
+        picked = sorted(random.Random(f"{seed}:{self.name}").sample(range(len(self.rows)), n))
+        return QASet(self.name, self.source, tuple(self.rows[i] for i in picked), self.prompt_field, self.answer_field)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or refuse to guess
+            splits = list(ds.keys())
+            if len(splits) != 1:
+                raise ConfigError(f"{path}: a dataset with splits {splits}; point at one split's folder")
+            ds = ds[splits[0]]
+        return [dict(r) for r in ds]
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            frame = pd.read_json(path, lines=True, dtype=False)
+        elif suffix == ".json":
+            frame = pd.read_json(path, dtype=False)
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        else:
+            raise ConfigError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet or a datasets folder)")
+    except ValueError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    return frame.to_dict(orient="records")
+
+
+def load_qa_set(name: str, source: str, prompt_field: str = "prompt", answer_field: str = "answer") -> QASet:
+    """Read and check one set; errors name the set, the file and the missing column or row."""
+    path = Path(resolve_path(source))
+    if not path.exists():
+        raise ConfigError(f"data set '{name}': {source} does not exist")
+    rows = _read_rows(path)
+    if not rows:
+        raise ConfigError(f"data set '{name}': {source} has no rows")
+    for field in (prompt_field, answer_field):
+        if field not in rows[0]:
+            raise ConfigError(f"data set '{name}': {source} has no '{field}' column (columns: {sorted(rows[0])})")
+    for i, row in enumerate(rows):
+        for field in (prompt_field, answer_field):
+            value = row.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"data set '{name}': {source} row {i} has an empty or non-text '{field}'")
+    return QASet(name, str(path), tuple(rows), prompt_field, answer_field)

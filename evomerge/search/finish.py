@@ -1,0 +1,149 @@
+"""After the search: held-out check, best merged model, report.md + fitness.png, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from evomerge.io_utils import atomic_write_text
+from evomerge.merge import MergeRecipe, write_merged_model
+from evomerge.merge.recipe import GenomeSpec
+from evomerge.pool import load_model
+from evomerge.search.evaluator import resolved_pool_refs
+from evomerge.search.heldout import check_model, load_heldout
+from evomerge.search.recipe import SearchRecipe
+
+log = logging.getLogger(__name__)
+
+
+def timing_summary(result) -> dict[str, float]:
+    """Where the search's wall time went; ``outside_share`` is the optimiser, bookkeeping
+    and checkpoint overhead (everything but building and scoring candidates)."""
+    rows = result.state.candidates
+    build_s = sum(r["build_s"] for r in rows)
+    score_s = sum(r["score_s"] for r in rows)
+    wall = result.state.elapsed_s
+    return {"search_wall_s": wall, "build_s": build_s, "score_s": score_s,
+            "outside_build_and_score_s": max(0.0, wall - build_s - score_s),
+            "outside_share": max(0.0, wall - build_s - score_s) / wall if wall > 0 else 0.0,
+            "prepare_s": result.evaluator.prepare_s, "candidates": len(rows),
+            "s_per_candidate": (build_s + score_s) / max(1, len(rows))}
+
+
+def heldout_table(result, recipe: SearchRecipe):
+    """Held-out percentages for the best merge and (optionally) every pool model."""
+    import pandas as pd
+
+    spec = recipe.evaluate
+    sets = load_heldout(spec, recipe.seed)
+    if not sets:
+        return None
+    ev = result.evaluator
+    ev.build(result.best_genome)
+    rows = [{"model": "best merge", **check_model(ev.model, ev.tokenizer, sets, spec.max_new_tokens)}]
+    if spec.compare_pool:
+        _, experts = resolved_pool_refs(recipe)
+        for name, ref in experts.items():
+            model = load_model(ref).to(recipe.fitness.device)
+            rows.append({"model": name, **check_model(model, ev.tokenizer, sets, spec.max_new_tokens)})
+            del model
+    frame = pd.DataFrame(rows)
+    frame.attrs["sizes"] = {k: len(v) for k, v in sets.items()}
+    return frame
+
+
+def fitness_plot(generations, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(generations["generation"], generations["best_so_far"], label="best so far", lw=2)
+    ax.plot(generations["generation"], generations["best_fitness"], label="generation best", lw=1, ls="--")
+    finite = generations[generations["mean_fitness"].map(math.isfinite)]
+    ax.plot(finite["generation"], finite["mean_fitness"], label="generation mean", lw=1, alpha=0.7)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (weighted CE, lower is better)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _fmt(frame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".4f")
+
+
+def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, float], heldout) -> str:
+    import pandas as pd
+
+    gens = pd.DataFrame(result.state.generations)
+    best = result.best
+    names = list(result.space.expert_names)
+    g = result.best_genome
+    genome_rows = []
+    for k, name in enumerate(names):
+        row = {"expert": name, "weight": ", ".join(f"{r[k]:.3f}" for r in g.weights)}
+        if g.densities is not None:
+            row["density"] = ", ".join(f"{r[k]:.3f}" for r in g.densities)
+        genome_rows.append(row)
+    terms = {k: best[k] for k in ("fitness", "ce_domain", "ce_safety", "ce_benign") if k in best}
+    lines = [
+        f"# Search report: {recipe.name}",
+        "",
+        f"- mode **{recipe.search.mode}**, method **{method}**, lambda {recipe.fitness.lambda_}, mu {recipe.fitness.mu}, "
+        f"{recipe.fitness.n_samples} samples per set, seed {recipe.seed}",
+        f"- pool: base `{recipe.pool.base}`, experts " + ", ".join(f"`{k}` ({v})" for k, v in recipe.pool.experts.items()),
+        f"- {timing['candidates']} candidates in {len(gens)} generations; stopped: {result.state.stop_reason}",
+        f"- wall {timing['search_wall_s']:.1f} s (prepare {timing['prepare_s']:.1f} s before it): build "
+        f"{timing['build_s']:.1f} s, scoring {timing['score_s']:.1f} s, everything else "
+        f"{timing['outside_build_and_score_s']:.2f} s ({100 * timing['outside_share']:.1f}%)",
+        "",
+        f"## Best candidate (#{best['index']}, generation {best['generation']})",
+        "",
+        _fmt(pd.DataFrame([terms])),
+        "",
+        _fmt(pd.DataFrame(genome_rows)),
+        "",
+        "Weights and densities are listed per layer group, first group first.",
+        "",
+    ]
+    if heldout is not None:
+        sizes = ", ".join(f"{k} n={v}" for k, v in heldout.attrs.get("sizes", {}).items())
+        lines += ["## Held-out check (greedy answers; refusal phrases; exact match), percent", "",
+                  _fmt(heldout), "", f"Sets: {sizes}.", ""]
+    lines += ["## Fitness per generation", "", "![fitness](fitness.png)", "",
+              _fmt(gens[["generation", "evals", "best_fitness", "mean_fitness", "best_so_far",
+                         "best_ce_domain", "best_ce_safety", "seconds"]]), ""]
+    return "\n".join(lines)
+
+
+def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any] | None) -> None:
+    import pandas as pd
+
+    run = result.run_dir
+    timing = timing_summary(result)
+    heldout = heldout_table(result, recipe)
+    if heldout is not None:
+        atomic_write_text(run / "heldout.csv", heldout.to_csv(index=False))
+    fitness_plot(pd.DataFrame(result.state.generations), run / "fitness.png")
+    atomic_write_text(run / "report.md", write_report(result, recipe, method, timing, heldout))
+    summary = {"best": {k: v for k, v in result.best.items() if k != "genome"},
+               "genome": json.loads(result.best["genome"]), "method": method, "timing": timing,
+               "stop_reason": result.state.stop_reason,
+               "heldout": None if heldout is None else heldout.to_dict(orient="records")}
+    atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    if recipe.write_model:
+        base, experts = resolved_pool_refs(recipe)
+        merge = MergeRecipe(base=base, experts=experts, method=method,
+                            options=recipe.merge.options if options is None else options,
+                            dtype=None, genome=GenomeSpec.from_genome(result.best_genome, list(experts)))
+        write_merged_model(merge, run / "model", overwrite=True, device=recipe.fitness.device)
+    result.heldout = heldout
+    log.info("wrote %s", run)

@@ -1,0 +1,228 @@
+"""``run_search``: propose, build, score, record, checkpoint; then report and write the best.
+
+    >>> from evomerge.search import load_search_recipe, run_search
+    >>> result = run_search(load_search_recipe("recipes/demo.yaml", ["search.steps=3"]))
+    >>> result.best_genome, result.best["fitness"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.io_utils import atomic_write_text
+from evomerge.merge import Genome
+from evomerge.search.evaluator import CandidateEvaluator, Scored
+from evomerge.search.proposers import make_proposer
+from evomerge.search.recipe import SearchRecipe
+from evomerge.search.run import RunDir, SearchState
+from evomerge.search.space import GenomeSpace
+
+log = logging.getLogger(__name__)
+TERMS = ("ce_domain", "ce_safety", "ce_benign")
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    best_genome: Genome
+    best: dict[str, Any]  # the best candidate's row
+    state: SearchState
+    evaluator: CandidateEvaluator
+    space: GenomeSpace
+    heldout: Any = None  # pandas DataFrame of the held-out check, when the recipe asks for one
+
+
+def _method_for(recipe: SearchRecipe) -> tuple[str, dict[str, Any] | None]:
+    """LM-Cocktail is a weighted average of the models whatever the recipe's method."""
+    if recipe.search.mode == "lm-cocktail":
+        return "linear", {}
+    return recipe.merge.method, None
+
+
+def _space_for(recipe: SearchRecipe, method: str, num_layers: int) -> GenomeSpace:
+    from evomerge.search.recipe import DENSITY_METHODS
+
+    space = GenomeSpace.from_recipe(recipe, num_layers)
+    if space.uses_density != (method in DENSITY_METHODS):
+        space = GenomeSpace(space.expert_names, space.n_groups, method in DENSITY_METHODS,
+                            space.weight_bounds, space.density_bounds)
+    return space
+
+
+def _fitness_for(recipe: SearchRecipe, scored: Scored) -> float:
+    """The value the proposer minimises: domain CE only for the safety-unaware baseline."""
+    if recipe.search.mode == "evomm-domain":
+        value = scored.terms["ce_domain"]
+        return value if math.isfinite(value) else math.inf
+    return scored.fitness
+
+
+def _planned_evals(recipe: SearchRecipe, proposer: Any) -> int | None:
+    s = recipe.search
+    if s.mode == "grid":
+        return proposer.total
+    if s.mode == "lm-cocktail":
+        return proposer.popsize + 1
+    limits = [v for v in (s.steps and s.steps * proposer.popsize, s.max_evals) if v]
+    return min(limits) if limits else None
+
+
+def _stop_reason(recipe: SearchRecipe, state: SearchState, proposer: Any) -> str:
+    s = recipe.search
+    if s.mode in ("cmaes", "evomm-domain"):
+        if s.steps is not None and state.generation >= s.steps:
+            return f"search.steps={s.steps} generations done"
+        if s.max_evals is not None and len(state.candidates) >= s.max_evals:
+            return f"search.max_evals={s.max_evals} reached"
+    return proposer.internal_stop()
+
+
+def run_search(
+    recipe: SearchRecipe,
+    run_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    runs_root: str | os.PathLike[str] = "runs",
+    progress: bool = True,
+    write_outputs: bool = True,
+) -> SearchResult:
+    """Run (or resume) a search and return its best candidate.
+
+    ``run_dir`` defaults to ``runs_root/<name>-<timestamp>``; with ``resume`` and no
+    ``run_dir`` the newest run of this recipe under ``runs_root`` is continued.
+    ``write_outputs=False`` skips the post-search work (report, model, held-out check).
+    """
+    if run_dir is None:
+        root = Path(runs_root)
+        if resume:
+            latest = RunDir.latest(root, recipe)
+            if latest is None:
+                raise ConfigError(f"--resume: no run of '{recipe.name}' under {root}/; pass --run-dir")
+            run_dir = latest
+        else:
+            run_dir = root / RunDir.new_id(recipe)
+    run = RunDir(run_dir)
+    state = run.open(recipe, resume, force)
+
+    method, options = _method_for(recipe)
+    evaluator = CandidateEvaluator(recipe, method, options)
+    space = _space_for(recipe, method, evaluator.num_layers)
+    if state is None:
+        state = SearchState(mode=recipe.search.mode, proposer=make_proposer(space, recipe))
+    else:
+        log.info("resuming %s after generation %d (%d candidates)", run.path, state.generation, len(state.candidates))
+    state.finished = False
+    proposer = state.proposer
+    _loop(recipe, run, state, proposer, evaluator, space, progress)
+
+    best_i = proposer.best_index(state.candidates)
+    best = state.candidates[best_i]
+    best_genome = Genome.from_values(**_genome_fields(best), expert_names=list(space.expert_names))
+    result = SearchResult(run.path, best_genome, best, state, evaluator, space)
+    atomic_write_text(run / "best_genome.yaml", yaml.safe_dump(
+        {"genome": best_genome.to_dict(list(space.expert_names)), "method": method,
+         "candidate": best["index"], "fitness": best["fitness"]}, sort_keys=False))
+    if write_outputs:
+        from evomerge.search.finish import finish_run
+
+        finish_run(result, recipe, method, options)
+    return result
+
+
+def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(row["genome"])
+    return {"weights": data["weights"], "densities": data.get("densities"), "scale": data.get("scale", 1.0)}
+
+
+def _loop(recipe, run: RunDir, state: SearchState, proposer, evaluator: CandidateEvaluator, space: GenomeSpace,
+          show_progress: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, quiet=not show_progress)
+    planned = _planned_evals(recipe, proposer)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    started = time.perf_counter() - state.elapsed_s
+    with Progress(*columns, console=console, transient=False, disable=not show_progress) as bar:
+        task = bar.add_task(f"{recipe.name} [{recipe.search.mode}]", total=planned, completed=len(state.candidates))
+        while True:
+            reason = _stop_reason(recipe, state, proposer)
+            if reason:
+                state.stop_reason = reason
+                break
+            gen_started = time.perf_counter()
+            genomes = proposer.ask()
+            if not genomes:
+                state.stop_reason = proposer.internal_stop() or "proposer has nothing left"
+                break
+            scored, values, rows = [], [], []
+            for pos, genome in enumerate(genomes):
+                s = evaluator.evaluate(genome)
+                value = _fitness_for(recipe, s)
+                scored.append(s)
+                values.append(value)
+                role = proposer.role_of(pos) if hasattr(proposer, "role_of") else proposer.role
+                rows.append(_row(state, space, genome, s, value, role))
+                bar.advance(task)
+            proposer.tell(genomes, scored, values)
+            state.candidates.extend(rows)
+            state.generation += 1
+            gen = _generation_row(state, rows, getattr(proposer, "sigma", None), time.perf_counter() - gen_started)
+            state.generations.append(gen)
+            state.elapsed_s = time.perf_counter() - started
+            run.save_checkpoint(state)
+            run.write_tables(state)
+            console.print(_generation_line(gen))
+    state.finished = True
+    state.elapsed_s = time.perf_counter() - started
+    run.save_checkpoint(state)
+    run.write_tables(state)
+    console.print(f"stopped: {state.stop_reason}")
+
+
+def _row(state: SearchState, space: GenomeSpace, genome: Genome, s: Scored, value: float, role: str) -> dict[str, Any]:
+    x = space.from_genome(genome)
+    row: dict[str, Any] = {"index": len(state.candidates), "generation": state.generation, "role": role,
+                           "fitness": value, "status": "ok" if math.isfinite(value) else "nonfinite"}
+    row.update(s.terms)
+    row.update(dict(zip(space.columns(), x)))
+    row["genome"] = json.dumps(genome.to_dict(list(space.expert_names)))
+    row["build_s"] = s.build_s
+    row["score_s"] = s.score_s
+    return row
+
+
+def _finite_mean(values: list[float]) -> float:
+    ok = [v for v in values if math.isfinite(v)]
+    return sum(ok) / len(ok) if ok else math.inf
+
+
+def _generation_row(state: SearchState, rows: list[dict[str, Any]], sigma: float | None, seconds: float) -> dict[str, Any]:
+    best = min(rows, key=lambda r: r["fitness"])
+    so_far = min(r["fitness"] for r in state.candidates)
+    out = {"generation": state.generation - 1, "evals": len(state.candidates), "best_fitness": best["fitness"],
+           "mean_fitness": _finite_mean([r["fitness"] for r in rows]), "best_so_far": so_far}
+    for term in TERMS:
+        out[f"best_{term}"] = best[term]
+        out[f"mean_{term}"] = _finite_mean([r[term] for r in rows])
+    out["sigma"] = sigma if sigma is not None else math.nan
+    out["seconds"] = seconds
+    out["build_s"] = sum(r["build_s"] for r in rows)
+    out["score_s"] = sum(r["score_s"] for r in rows)
+    return out
+
+
+def _generation_line(g: dict[str, Any]) -> str:
+    terms = " ".join(f"{t[3:]}={g[f'best_{t}']:.4f}" for t in TERMS if math.isfinite(g[f"best_{t}"]))
+    return (f"gen {g['generation']:>3}  evals {g['evals']:>4}  best {g['best_fitness']:.4f}  "
+            f"mean {g['mean_fitness']:.4f}  ({terms})  {g['seconds']:.1f}s")

@@ -1,0 +1,251 @@
+"""``SearchRecipe``: the typed YAML behind ``evomerge search``.
+
+    name: demo
+    seed: 0
+    pool: {base: zoo:base, experts: {safe: zoo:safe, math: ./math-ft}}
+    merge: {method: ties, options: {}}
+    data: {safety: zoo:data/safety.jsonl, domain: {math: data/math.jsonl}, benign: null}
+    fitness: {lambda: 0.5, mu: 0.0, n_samples: 100}
+    search: {mode: cmaes, steps: 20, layer_granularity: 0}
+
+Every field can be overridden from the command line by its dotted name
+(``search.steps=3 fitness.lambda=0.5``); values are parsed as YAML scalars or lists.
+Paths starting with ``zoo:`` point into the tiny zoo (built on first use, then cached).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.merge.methods import get_method, parse_options
+from evomerge.merge.recipe import load_yaml
+
+SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class PoolSpec(_Strict):
+    """The models: a base and named experts (local folders, hub ids or ``zoo:NAME``)."""
+
+    base: str
+    experts: dict[str, str]
+
+    @field_validator("experts")
+    @classmethod
+    def _some(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("at least one expert is needed")
+        return v
+
+
+class MergeSpec(_Strict):
+    method: str = "ties"
+    options: dict[str, Any] = {}
+    fused: bool | None = None  # compile the TIES/DARE kernels (None: engine default); pays off on big models
+
+    @model_validator(mode="after")
+    def _known(self) -> MergeSpec:
+        get_method(self.method)
+        parse_options(self.method, self.options)
+        return self
+
+
+class DataSpec(_Strict):
+    """Held-in sets the fitness reads: JSONL / parquet files or ``datasets`` folders."""
+
+    safety: str | None = None
+    domain: dict[str, str] = {}
+    benign: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+
+
+class FitnessSpec(_Strict):
+    """fitness = lambda * CE_domain + (1 - lambda) * CE_safety + mu * CE_benign."""
+
+    lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0)
+    mu: float = Field(0.0, ge=0.0)
+    n_samples: int = Field(100, gt=0)
+    batch_size: int = Field(64, gt=0)
+    max_batch_tokens: int = Field(16384, gt=0)
+    max_length: int = Field(2048, gt=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class Bounds(_Strict):
+    weight: tuple[float, float] = (0.0, 1.0)
+    density: tuple[float, float] = (0.1, 1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        for name in ("weight", "density"):
+            lo, hi = getattr(self, name)
+            if not lo < hi:
+                raise ValueError(f"{name}: lower bound {lo} must be below the upper bound {hi}")
+        if self.density[0] < 0 or self.density[1] > 1:
+            raise ValueError(f"density: bounds {list(self.density)} must lie within [0, 1]")
+        return self
+
+
+class GridSpec(_Strict):
+    weights: list[float] = [0.25, 0.5, 0.75, 1.0]
+    densities: list[float] = [0.5, 1.0]
+
+
+class CocktailSpec(_Strict):
+    temperature: float = Field(5.0, gt=0)
+    use_safety: bool = True
+
+
+class SearchSpec(_Strict):
+    mode: SearchMode = "cmaes"
+    steps: int | None = Field(20, gt=0)  # generations
+    max_evals: int | None = Field(None, gt=0)
+    popsize: int | None = Field(None, gt=1)
+    sigma0: float = Field(1 / 6, gt=0)
+    layer_granularity: int = Field(0, ge=0)  # layers per group; 0 = one group for the whole model
+    x0_weight: float | None = None  # None: 1 / number of experts
+    x0_density: float = 1.0
+    bounds: Bounds = Bounds()
+    grid: GridSpec = GridSpec()
+    cocktail: CocktailSpec = CocktailSpec()
+
+    @model_validator(mode="after")
+    def _stop_rule(self) -> SearchSpec:
+        if self.mode in ("cmaes", "evomm-domain") and self.steps is None and self.max_evals is None:
+            raise ValueError("a stop rule is needed: search.steps (generations) or search.max_evals")
+        return self
+
+
+class EvaluateSpec(_Strict):
+    """Held-out sets for the after-search check (greedy answers; refusal phrases)."""
+
+    unsafe: str | None = None
+    benign: str | None = None
+    domain: dict[str, str] = {}
+    limit: int | None = Field(None, gt=0)
+    compare_pool: bool = True
+    max_new_tokens: int = Field(24, gt=0)
+
+
+class SearchRecipe(_Strict):
+    name: str = "search"
+    seed: int = 0
+    pool: PoolSpec
+    merge: MergeSpec = MergeSpec()
+    data: DataSpec
+    fitness: FitnessSpec = FitnessSpec()
+    search: SearchSpec = SearchSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    write_model: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchRecipe:
+        lam, mu = self.fitness.lambda_, self.fitness.mu
+        mode = self.search.mode
+        if (lam > 0 or mode == "evomm-domain") and not self.data.domain:
+            raise ValueError("data.domain: no domain set, but fitness.lambda > 0 (or mode evomm-domain) needs one")
+        if lam < 1 and mode != "evomm-domain" and self.data.safety is None:
+            raise ValueError("data.safety: no safety set, but fitness.lambda < 1 needs one")
+        if mu > 0 and self.data.benign is None:
+            raise ValueError("data.benign: no benign set, but fitness.mu > 0 needs one")
+        return self
+
+    @property
+    def uses_density(self) -> bool:
+        return self.merge.method in DENSITY_METHODS
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(by_alias=True, mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries in a nested mapping (a copy); a bad key is named."""
+    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value (for example search.steps=3)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty name in '{key}'")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[: depth + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:
+    """Validate a mapping; every error names the field by its dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return SearchRecipe.model_validate(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top)"
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" + (" (unknown field)" if e["type"] == "extra_forbidden" else ""))
+        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
+
+
+def load_search_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> SearchRecipe:
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    recipe = recipe_from_dict(data, str(path))
+    return recipe.model_copy(update={"data": _anchor_paths(recipe.data, Path(path).parent),
+                                     "evaluate": _anchor_paths(recipe.evaluate, Path(path).parent)})
+
+
+def _anchor(value: str, root: Path) -> str:
+    """Relative data paths are read relative to the recipe's folder when they exist there."""
+    if value.startswith("zoo:") or Path(value).is_absolute() or Path(value).exists():
+        return value
+    candidate = root / value
+    return str(candidate) if candidate.exists() else value
+
+
+def _anchor_paths(spec: Any, root: Path) -> Any:
+    update: dict[str, Any] = {}
+    for field in ("safety", "benign", "unsafe"):
+        value = getattr(spec, field, None)
+        if isinstance(value, str):
+            update[field] = _anchor(value, root)
+    update["domain"] = {k: _anchor(v, root) for k, v in spec.domain.items()}
+    return spec.model_copy(update=update)
+
+
+def default_popsize(n_dims: int) -> int:
+    """pycma's default, ``4 + floor(3 ln n)``."""
+    return 4 + int(math.floor(3 * math.log(max(1, n_dims))))
