@@ -76,8 +76,12 @@ def fitness_plot(generations, path) -> None:
     tmp.replace(path)
 
 
-def _fmt(frame) -> str:
-    return frame.to_markdown(index=False, floatfmt=".4f")
+def _fmt(frame, digits: int = 4) -> str:
+    """Markdown through pandas/tabulate; floats rounded here so integer columns stay integers."""
+    def cell(v: Any) -> Any:
+        return f"{v:.{digits}f}" if isinstance(v, float) else v
+
+    return frame.astype(object).map(cell).to_markdown(index=False, disable_numparse=True)
 
 
 def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, float], heldout) -> str:
@@ -117,7 +121,7 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
     if heldout is not None:
         sizes = ", ".join(f"{k} n={v}" for k, v in heldout.attrs.get("sizes", {}).items())
         lines += ["## Held-out check (greedy answers; refusal phrases; exact match), percent", "",
-                  _fmt(heldout), "", f"Sets: {sizes}.", ""]
+                  _fmt(heldout, 1), "", f"Sets: {sizes}.", ""]
     lines += ["## Fitness per generation", "", "![fitness](fitness.png)", "",
               _fmt(gens[["generation", "evals", "best_fitness", "mean_fitness", "best_so_far",
                          "best_ce_domain", "best_ce_safety", "seconds"]]), ""]

@@ -172,7 +172,7 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, evaluator: Candidat
                 scored.append(s)
                 values.append(value)
                 role = proposer.role_of(pos) if hasattr(proposer, "role_of") else proposer.role
-                rows.append(_row(state, space, genome, s, value, role))
+                rows.append(_row(len(state.candidates) + pos, state.generation, space, genome, s, value, role))
                 bar.advance(task)
             proposer.tell(genomes, scored, values)
             state.candidates.extend(rows)
@@ -190,9 +190,10 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, evaluator: Candidat
     console.print(f"stopped: {state.stop_reason}")
 
 
-def _row(state: SearchState, space: GenomeSpace, genome: Genome, s: Scored, value: float, role: str) -> dict[str, Any]:
+def _row(index: int, generation: int, space: GenomeSpace, genome: Genome, s: Scored, value: float,
+         role: str) -> dict[str, Any]:
     x = space.from_genome(genome)
-    row: dict[str, Any] = {"index": len(state.candidates), "generation": state.generation, "role": role,
+    row: dict[str, Any] = {"index": index, "generation": generation, "role": role,
                            "fitness": value, "status": "ok" if math.isfinite(value) else "nonfinite"}
     row.update(s.terms)
     row.update(dict(zip(space.columns(), x)))

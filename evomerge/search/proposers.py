@@ -20,12 +20,28 @@ from evomerge.search.recipe import SearchRecipe, default_popsize
 from evomerge.search.space import GenomeSpace
 
 
+class StandardNormal:
+    """pycma's ``randn(lam, N)`` backed by a generator the search owns.
+
+    Why: pycma's default is ``np.random.randn``, a method of numpy's global generator;
+    pickling the optimiser copies that generator's state *at pickling time*, whatever
+    else in the process moved it, so a resumed run would sample differently. This object
+    travels inside the checkpoint with exactly the state the search left it in.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
 class CMAESProposer:
     """pycma ask/tell with box bounds (pycma's ``BoundTransform``, not ad-hoc folding).
 
-    pycma draws from numpy's global generator; the proposer keeps its own copy of that
-    generator's state and swaps it in around ``ask``, so nothing else in the process
-    (or a resume) can shift the stream.
+    Gaussian samples come from a :class:`StandardNormal` the proposer owns; pycma's few
+    other draws from numpy's global generator run with the proposer's own copy of that
+    state swapped in, so nothing else in the process (or a resume) can shift a stream.
     """
 
     role = "cmaes"
@@ -39,30 +55,36 @@ class CMAESProposer:
         lo, hi = space.bounds()
         saved = np.random.get_state()
         try:
-            options = {"seed": recipe.seed + 1, "popsize": self.popsize, "bounds": [lo, hi], "verbose": -9}
+            np.random.seed(recipe.seed + 1)
+            options = {"randn": StandardNormal(recipe.seed + 1), "popsize": self.popsize, "bounds": [lo, hi],
+                       "verbose": -9}
             self.es = cma.CMAEvolutionStrategy(space.x0(s.x0_weight, s.x0_density), s.sigma0, options)
             self.rng_state = np.random.get_state()
         finally:
             np.random.set_state(saved)
         self.pending: list[np.ndarray] = []
 
-    def ask(self) -> list[Genome]:
+    def _with_own_rng(self, call):
+        """Run ``call`` with numpy's global generator set to this search's stream."""
         saved = np.random.get_state()
         np.random.set_state(self.rng_state)
         try:
-            self.pending = self.es.ask()
+            return call()
         finally:
             self.rng_state = np.random.get_state()
             np.random.set_state(saved)
+
+    def ask(self) -> list[Genome]:
+        self.pending = self._with_own_rng(self.es.ask)
         return [self.space.to_genome(x) for x in self.pending]
 
     def tell(self, genomes: list[Genome], scored: list[Scored], fitness: list[float]) -> None:
-        self.es.tell(self.pending, fitness)
+        self._with_own_rng(lambda: self.es.tell(self.pending, fitness))
         self.pending = []
 
     def internal_stop(self) -> str:
         """pycma's own termination criteria (flat fitness, tiny sigma...), if any fired."""
-        return ", ".join(f"{k}={v}" for k, v in self.es.stop().items())
+        return ", ".join(f"{k}={v}" for k, v in self._with_own_rng(self.es.stop).items())
 
     @property
     def sigma(self) -> float:
