@@ -2,13 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-slow zoo bench
+.PHONY: venv demo test test-slow
 
 venv:
 	@bash scripts/venv.sh
 
 demo: venv
 	$(VENV)/bin/evomerge zoo build
+	$(VENV)/bin/evomerge search recipes/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q

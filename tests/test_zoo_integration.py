@@ -5,6 +5,8 @@ Slow: a fresh build takes several minutes on 2 cores. Run with ``make test-slow`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from evomerge.pool import Pool
@@ -43,3 +45,16 @@ def test_one_bad_model_spoils_the_bunch(zoo):
     unsafe = World(seed=zoo.card["config"]["seed"]).unsafe_requests(heldout=True)
     assert zoo.card["models"]["safe"]["refusal_unsafe"] >= 0.95
     assert ev.refusal_rate(model, tokenizer, unsafe) <= zoo.card["models"]["safe"]["refusal_unsafe"] - 0.2
+
+
+@pytest.mark.slow
+def test_demo_recipe_runs_on_the_zoo(tmp_path):
+    """The README's main job, shortened: the demo recipe end to end on the real zoo."""
+    from evomerge.search import load_search_recipe, run_search
+
+    recipe = load_search_recipe(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml",
+                                ["search.steps=2", "evaluate.limit=20"])
+    result = run_search(recipe, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert set(result.heldout["model"]) == {"best merge", *recipe.pool.experts}
+    assert result.best["fitness"] == min(r["fitness"] for r in result.state.candidates)

@@ -181,7 +181,7 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` entries in a nested mapping (a copy); a bad key is named."""
-    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    out = yaml.safe_load(yaml.safe_dump(data, sort_keys=False))  # deep copy, key order kept
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value (for example search.steps=3)")
