@@ -8,6 +8,12 @@ Each method splits its work in two:
   writing into a preallocated float32 buffer, with no sort, SVD or allocation of
   model-sized tensors.
 
+States hold their task-vector-sized tensors in ``TensorInfo.cache_dtype`` (float32 by
+default; bf16/fp16 halves the cache for models that would not fit otherwise). Builds
+always widen to float32 before any arithmetic, and tables (TIES thresholds, DARE L1
+norms) are computed in float32 from the values as stored, so they describe exactly
+what a build compares.
+
 The math is in ``shared/research/merge_methods.md``; section numbers below refer to it.
 """
 
@@ -91,6 +97,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     expert_names: list[str]
+    cache_dtype: torch.dtype = torch.float32  # storage dtype of task-vector-sized state
 
 
 @dataclass
@@ -116,7 +123,7 @@ class MergeMethod(Protocol):
     min_experts: ClassVar[int]
     max_experts: ClassVar[int | None]
 
-    def state_bytes(self, shape: tuple[int, ...], n_experts: int, options: Any) -> int: ...
+    def state_bytes(self, shape: tuple[int, ...], n_experts: int, options: Any, elem: int = 4) -> int: ...
 
     def prepare_tensor(self, info: TensorInfo, base: torch.Tensor, taus: list[torch.Tensor], options: Any) -> Any: ...
 
@@ -171,17 +178,32 @@ def parse_options(method: str, options: Any) -> MethodOptions:
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _affine(base: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, dst: torch.Tensor, beta: float = 1.0) -> None:
-    """``dst = beta*base + sum_k coef_k stack_k`` in one BLAS pass (gemv over the expert axis)."""
-    torch.addmv(base, stack.t(), coef, beta=beta, out=dst)
+def _affine(
+    base: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, dst: torch.Tensor, ws: Workspace, beta: float = 1.0
+) -> None:
+    """``dst = beta*base + sum_k coef_k stack_k``: one BLAS gemv over the expert axis for an
+    fp32 cache; a low-precision cache goes through the fused kernel that widens as it reads.
+    """
+    if base.dtype == torch.float32 and stack.dtype == torch.float32:
+        torch.addmv(base, stack.t(), coef, beta=beta, out=dst)
+        return
+    F.run("affine", ws.compiled, dst, base, stack, coef, torch.tensor(beta, dtype=torch.float32, device=base.device))
+
+
+def _abs_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``|x|`` into the fp32 buffer ``out``, widening a bf16/fp16 ``x`` first."""
+    if x.dtype == out.dtype:
+        return torch.abs(x, out=out)
+    return out.copy_(x).abs_()
 
 
 def _coef_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device)
 
 
-def _stack(taus: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([t.reshape(-1).float() for t in taus]).contiguous()
+def _stack(taus: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Flat ``(T, n)`` task vectors in the cache's storage dtype."""
+    return torch.stack([t.reshape(-1).float() for t in taus]).to(dtype).contiguous()
 
 
 class _Base:
@@ -207,11 +229,11 @@ class TaskArithmetic(_Base):
 
     options_model = TaskArithmeticOptions
 
-    def state_bytes(self, shape, n_experts, options) -> int:
-        return 4 * n_experts * math.prod(shape)
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * n_experts * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> torch.Tensor:
-        return _stack(taus)
+        return _stack(taus, info.cache_dtype)
 
     def _divisor(self, cand: Candidate, normalize: bool) -> float:
         total = sum(cand.weights)
@@ -219,7 +241,7 @@ class TaskArithmetic(_Base):
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         factor = cand.scale / self._divisor(cand, options.normalize)
-        _affine(base, state, cand.coeffs * factor, dst)
+        _affine(base, state, cand.coeffs * factor, dst, ws)
 
 
 @register_method("linear")
@@ -235,7 +257,7 @@ class Linear(TaskArithmetic):
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         div = self._divisor(cand, options.normalize)
         extra = 0.0 if options.normalize else sum(cand.weights) - 1.0
-        _affine(base, state, cand.coeffs * (cand.scale / div), dst, beta=1.0 + cand.scale * extra)
+        _affine(base, state, cand.coeffs * (cand.scale / div), dst, ws, beta=1.0 + cand.scale * extra)
 
 
 # --------------------------------------------------------------------------- TIES
@@ -255,13 +277,13 @@ class Ties(_Base):
     options_model = TiesOptions
     uses_density = True
 
-    def state_bytes(self, shape, n_experts, options) -> int:
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
         table = 4 * n if options.density_grid is None else 24 * (options.density_grid + 1)
-        return n_experts * (4 * n + (0 if options.variant == "original" else table))
+        return n_experts * (elem * n + (0 if options.variant == "original" else table))
 
     def prepare_tensor(self, info, base, taus, options) -> TiesState:
-        stack = _stack(taus)
+        stack = _stack(taus, info.cache_dtype)  # tables read these stored values, widened to fp32
         if options.variant == "original":
             return TiesState(stack, [])  # global tables are built in finalize()
         return TiesState(stack, [K.MagnitudeTable(row, options.density_grid) for row in stack])
@@ -278,7 +300,7 @@ class Ties(_Base):
         t, n = state.taus.shape
         absb = ws.get("abs", t * n).view(t, n)
         keep = ws.get("keep", t * n).view(t, n)  # float 0/1 masks: far faster than bool on CPU
-        torch.abs(state.taus, out=absb)
+        _abs_into(state.taus, absb)
         for k, table in enumerate(state.tables):
             torch.ge(absb[k], table.threshold(cand.densities[k]), out=keep[k])
         keep.mul_(cand.coeffs[:, None])
@@ -306,7 +328,7 @@ class Ties(_Base):
                 keep = ws.get("keep", t * n).view(t, n)
                 absb = ws.get("abs", n)
                 for k, q in enumerate(queries):
-                    K.topk_keep(torch.abs(state.taus[k], out=absb), q, keep[k])
+                    K.topk_keep(_abs_into(state.taus[k], absb), q, keep[k])
                 F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
                 return
             # Expert k keeps |x| >= t_k before its cut index and |x| > t_k after; split the
@@ -359,12 +381,15 @@ class _Dare(_Base):
     uses_density = True
     ties: ClassVar[bool] = False
 
-    def state_bytes(self, shape, n_experts, options) -> int:
-        return (4 + 2) * n_experts * math.prod(shape)
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return (elem + 2) * n_experts * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> DareState:
-        stack = _stack(taus)
-        fields = [K.keyed_uniform(K.tensor_key(options.seed, e, info.name), torch.empty_like(stack[0])) for e in info.expert_names]
+        stack = _stack(taus, info.cache_dtype)
+        fields = [
+            K.keyed_uniform(K.tensor_key(options.seed, e, info.name), torch.empty_like(stack[0], dtype=torch.float32))
+            for e in info.expert_names
+        ]
         hi, lo = zip(*(K.dare_quantiles(u) for u in fields))
         # float64 sums: torch's fp32 vector_norm(ord=1) is ~4% low on 25M-entry tensors
         l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
@@ -443,8 +468,8 @@ class Slerp(_Base):
     options_model = SlerpOptions
     max_experts = 1
 
-    def state_bytes(self, shape, n_experts, options) -> int:
-        return 4 * math.prod(shape)
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> SlerpState:
         v0 = base.reshape(-1).float()
@@ -454,7 +479,8 @@ class Slerp(_Base):
         n1 = n1 if n1 > options.eps else torch.tensor(1.0)
         dot = float(((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1))
         linear = abs(dot) > options.dot_threshold
-        return SlerpState(_stack(taus), 0.0 if linear else math.acos(dot), linear)
+        dtype = info.cache_dtype if info is not None else torch.float32  # the reference passes no info
+        return SlerpState(_stack(taus, dtype), 0.0 if linear else math.acos(dot), linear)
 
     @staticmethod
     def coefficients(t: float, theta: float, linear: bool) -> tuple[float, float]:
@@ -467,7 +493,7 @@ class Slerp(_Base):
         a, b = self.coefficients(cand.weights[0], state.theta, state.linear)
         lam = cand.scale
         # slerp = a*theta0 + b*(theta0 + tau); then theta = theta0 + lam*(slerp - theta0)
-        _affine(base, state.tau, _coef_tensor([lam * b], base), dst, beta=1.0 + lam * (a + b - 1.0))
+        _affine(base, state.tau, _coef_tensor([lam * b], base), dst, ws, beta=1.0 + lam * (a + b - 1.0))
 
 
 # --------------------------------------------------------------------------- TSVM / R-TSVM
@@ -497,12 +523,12 @@ class Tsvm(_Base):
         excluded = any(fnmatch.fnmatch(name, pat) for pat in options.exclude)
         return len(shape) == 2 and not excluded and min(shape) // n_experts > 0
 
-    def state_bytes(self, shape, n_experts, options) -> int:
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
         if options.storage == "factored" and len(shape) == 2:
             m, k = shape
-            return 4 * (m + k) * n_experts * (min(m, k) // n_experts)
-        return 4 * n_experts * n
+            return elem * (m + k) * n_experts * (min(m, k) // n_experts)
+        return elem * n_experts * n
 
     def weights(self, taus: list[torch.Tensor], options: Any) -> tuple[torch.Tensor | None, int | None]:
         return None, None
@@ -516,7 +542,8 @@ class Tsvm(_Base):
         if not self.is_matrix(info.name, info.shape, t, options):
             if len(info.shape) == 2 and min(info.shape) // t == 0:
                 log.warning("%s: rank %d < %d tasks, TSVM falls back to the mean", info.name, min(info.shape), t)
-            return TsvmState(dense=_stack(taus) * self.vector_weights(taus, options)[:, None], shape=info.shape)
+            dense = _stack(taus) * self.vector_weights(taus, options)[:, None]
+            return TsvmState(dense=dense.to(info.cache_dtype), shape=info.shape)
         w, keep_rank = self.weights(taus, options)
         order = getattr(options, "order", "orth_then_trunc")
         f = K.tsvm_factors(taus, keep_rank, order, options.drop_null_directions)
@@ -525,19 +552,25 @@ class Tsvm(_Base):
         if w is not None:  # fold R-TSVM weights into each task's block of columns
             us = us * torch.repeat_interleave(w.float(), f.rank)[None, :]
         extra = {} if w is None else {"w": w.tolist(), "k_l": keep_rank}
+        dt = info.cache_dtype
         if options.storage == "factored":
-            return TsvmState(us=us.contiguous(), vh=f.vh, rank=f.rank, shape=info.shape, info=extra)
-        return TsvmState(dense=K.TsvmFactors(us, f.vh, f.rank).dense(t), shape=info.shape, info=extra)
+            return TsvmState(us=us.to(dt).contiguous(), vh=f.vh.to(dt).contiguous(), rank=f.rank, shape=info.shape, info=extra)
+        return TsvmState(dense=K.TsvmFactors(us, f.vh, f.rank).dense(t).to(dt), shape=info.shape, info=extra)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if state.dense is not None:
-            _affine(base, state.dense, cand.coeffs * cand.scale, dst)
+            _affine(base, state.dense, cand.coeffs * cand.scale, dst, ws)
             return
         assert state.us is not None and state.vh is not None
         m, n = state.shape
         scaled = ws.get("us", state.us.numel()).view(state.us.shape)
         torch.mul(state.us, torch.repeat_interleave(cand.coeffs, state.rank)[None, :], out=scaled)
-        torch.addmm(base.view(m, n), scaled, state.vh, alpha=cand.scale, out=dst.view(m, n))
+        if state.vh.dtype == torch.float32 and base.dtype == torch.float32:
+            torch.addmm(base.view(m, n), scaled, state.vh, alpha=cand.scale, out=dst.view(m, n))
+            return
+        vh = ws.get("vh", state.vh.numel()).view(state.vh.shape).copy_(state.vh)  # widen: the GEMM runs in fp32
+        dst.copy_(base)
+        dst.view(m, n).addmm_(scaled, vh, alpha=cand.scale)
 
 
 @register_method("r_tsvm")
