@@ -132,3 +132,22 @@ def test_bf16_cache_builds_into_a_bf16_model():
     for name, p in model.state_dict().items():
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(p.float(), want[name], atol=1e-6, rtol=2**-7)  # one bf16 rounding
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_one_launch_ties_path_matches_the_split_path(monkeypatch, cache_dtype):
+    """The GPU's TIES path (one table per build, cut index inside the kernel), run on the CPU."""
+    from evomerge.merge.methods import Ties
+
+    rng = random.Random(7)
+    pool = bf16_exact_pool(3)
+    for options in [{}, {"normalize": False}, {"density_grid": 64}]:
+        cache = prepare(pool, "ties", options, cache_dtype=cache_dtype)
+        genomes = [random_genome(rng, 3, rng.choice([1, 2, 4]), "ties") for _ in range(6)]
+        want = [{k: v.clone() for k, v in build(cache, g).items()} for g in genomes]
+        monkeypatch.setattr(Ties, "one_launch_devices", ("cpu", "cuda"))
+        for g, w in zip(genomes, want):
+            got = build(cache, g)
+            for name in w:
+                torch.testing.assert_close(got[name], w[name], atol=0, rtol=0, msg=lambda m: f"{options} {name}: {m}")
+        monkeypatch.setattr(Ties, "one_launch_devices", ("cuda",))

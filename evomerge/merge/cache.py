@@ -404,26 +404,42 @@ def _targets(cache: MergeCache, out: Any) -> tuple[list[torch.Tensor], list[torc
     return dests[0], dests[1]
 
 
+def _casts_in_kernel(cache: MergeCache) -> bool:
+    """Whether every tensor of this cache is built by a fused kernel that computes in fp32
+    and rounds once on store, so a bf16/fp16 model can be written without the fp32
+    scratch copy (half the bytes moved per build). True for low-precision caches except
+    TIES 'original' and factored TSVM, which write with BLAS/out= ops."""
+    if cache.cache_dtype == torch.float32:
+        return False
+    opts = cache.options
+    if cache.method == "ties" and getattr(opts, "variant", "") == "original":
+        return False
+    return not (cache.method in ("tsvm", "r_tsvm") and getattr(opts, "storage", "") == "factored")
+
+
 def build(cache: MergeCache, genome: Genome, out: Any = None, dtype: torch.dtype | None = None) -> Any:
     """Write the candidate ``genome`` into ``out`` in place and return it.
 
     ``out`` is a live model (``nn.Module``; names as in the checkpoint) or a dict of
     tensors; ``None`` allocates a fresh state dict (in the base's dtype, or ``dtype``).
-    Float32 contiguous parameters are written directly; others go through one scratch
-    buffer and a ``copy_`` (cast).
+    Float32 contiguous parameters are written directly; so are bf16/fp16 ones from a
+    low-precision cache (the fused kernels round once on store); others go through one
+    fp32 scratch buffer and a ``copy_`` (cast).
     """
     if out is None:
         out = {
             p.name: torch.empty(p.shape, dtype=dtype or p.dtype, device=cache.device) for p in cache.plans
         } | {p.name: torch.empty(p.shape, dtype=p.dtype, device=cache.device) for p in cache.passthrough}
     dests, pass_dests = _targets(cache, out)
+    cast_in_kernel = _casts_in_kernel(cache)
     cands = cache.candidates(genome)
     groups = [cache.group_of(p, genome.n_groups) for p in cache.plans]
     impl, opts, ws = cache.impl, cache.options, cache.workspace
     with torch.no_grad():
         ctx = impl.begin_build([p.state for p in cache.plans], cands, groups, opts, ws)
         for plan, dst, g in zip(cache.plans, dests, groups):
-            direct = dst.dtype == torch.float32 and dst.is_contiguous() and dst.device == cache.device
+            same = dst.is_contiguous() and dst.device == cache.device
+            direct = same and (dst.dtype == torch.float32 or (cast_in_kernel and dst.dtype in (torch.bfloat16, torch.float16)))
             flat = dst.view(-1) if direct else ws.get("out", plan.base.numel())
             impl.build_tensor(plan.state, plan.base, cands[g], flat, ws, opts, ctx)
             if not direct:

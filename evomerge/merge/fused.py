@@ -84,6 +84,32 @@ def ties_kernel(
     out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
+def ties_cut_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    thr: torch.Tensor,
+    cut: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+) -> None:
+    """:func:`ties_kernel` with the tie cut inside: expert k keeps ``|x| >= thr_k`` before
+    flat index ``cut_k`` and ``|x| > thr_k`` after, so a whole tensor is one launch.
+
+    Used on GPUs, where per-piece launches and their host-to-device copies of thresholds
+    cost more than the merge itself; the index is generated in the fused loop.
+    """
+    idx = torch.arange(base.shape[0], device=base.device)
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k].float()
+        a = x.abs()
+        keep = (a > thr[k]) | ((a == thr[k]) & (idx < cut[k]))
+        ws.append(torch.where(keep, x * coeffs[k], 0.0))
+    out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
+
+
 def ties_masked_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
@@ -175,7 +201,13 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
     the same code eagerly.
     """
     global _FAILED
-    fn = {"ties": ties_kernel, "ties_masked": ties_masked_kernel, "dare": dare_kernel, "affine": affine_kernel}[name]
+    fn = {
+        "ties": ties_kernel,
+        "ties_cut": ties_cut_kernel,
+        "ties_masked": ties_masked_kernel,
+        "dare": dare_kernel,
+        "affine": affine_kernel,
+    }[name]
     if not compiled or _FAILED:
         return fn
     if name not in _COMPILED:

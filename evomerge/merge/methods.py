@@ -276,6 +276,7 @@ class Ties(_Base):
 
     options_model = TiesOptions
     uses_density = True
+    one_launch_devices: ClassVar[tuple[str, ...]] = ("cuda",)  # where _device_tables is used
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
@@ -309,7 +310,7 @@ class Ties(_Base):
 
     def begin_build(self, states, candidates, groups, options, ws) -> Any:
         if options.variant != "original":
-            return None
+            return self._device_tables(states, candidates, groups)
         if len(candidates) > 1:
             raise ConfigError("ties variant 'original' trims over the whole model: use a genome with one layer group")
         # Zero elected signs take the model-wide majority sign: a first pass sums sign(S).
@@ -319,7 +320,34 @@ class Ties(_Base):
             total += float(torch.sign(w.sum(0)).sum())
         return 1.0 if total >= 0 else -1.0  # ties (incl. empty) -> +
 
+    @staticmethod
+    def _device_tables(states: list[TiesState], candidates: list[Candidate], groups: list[int]) -> Any:
+        """On a GPU: every tensor's (threshold, cut) pairs for this candidate, sent in one copy.
+
+        Per-tensor copies of a few numbers each stall the GPU (a pageable host-to-device
+        copy waits for the stream); one table per build and a single-launch kernel per
+        tensor do not. Returns None on the CPU or when exact-density ties need masks.
+        """
+        if not states or states[0].taus.device.type not in Ties.one_launch_devices:
+            return None
+        thr, cut, scales = [], [], []
+        for state, g in zip(states, groups):
+            queries = [table.query(d) for table, d in zip(state.tables, candidates[g].densities)]
+            if any(q.ties is not None for q in queries):
+                return None
+            thr.append([q.threshold for q in queries])
+            cut.append([q.cut for q in queries])
+            scales.append(candidates[g].scale)
+        dev = states[0].taus.device
+        rows = {id(s): i for i, s in enumerate(states)}
+        return rows, torch.tensor(thr, dtype=torch.float32).to(dev), torch.tensor(cut, dtype=torch.int64).to(dev), torch.tensor(scales, dtype=torch.float32).to(dev)
+
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if options.variant == "mergekit" and ctx is not None:
+            rows, thr, cut, scales = ctx
+            i = rows[id(state)]
+            F.run("ties_cut", ws.compiled, dst, state.taus, base, thr[i], cut[i], cand.coeffs, scales[i], options.normalize)
+            return
         if options.variant == "mergekit":
             queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
             scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
@@ -550,7 +578,7 @@ class Tsvm(_Base):
         assert f is not None
         us = f.us
         if w is not None:  # fold R-TSVM weights into each task's block of columns
-            us = us * torch.repeat_interleave(w.float(), f.rank)[None, :]
+            us = us * torch.repeat_interleave(w.float().to(us.device), f.rank)[None, :]  # w is computed on the CPU
         extra = {} if w is None else {"w": w.tolist(), "k_l": keep_rank}
         dt = info.cache_dtype
         if options.storage == "factored":
