@@ -423,7 +423,7 @@ class _Dare(_Base):
         l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
         return DareState(stack, hi, lo, l1)
 
-    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+    def _factors(self, cand: Candidate, options: Any) -> list[float]:
         if options.rescale == "l1":
             factors = list(cand.weights)  # the L1 ratio is computed inside the kernel
         else:
@@ -431,8 +431,27 @@ class _Dare(_Base):
         total = sum(cand.weights)
         if not self.ties and options.normalize and abs(total) >= 1e-8:
             factors = [f / total for f in factors]
-        dev = base.device
-        levels = torch.tensor([K.dare_level(d) for d in cand.densities], dtype=torch.int32, device=dev)
+        return factors
+
+    def begin_build(self, states, candidates, groups, options, ws) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Each layer group's kernel arguments, sent to the device in one copy per build
+        (per-tensor copies of a few numbers each would stall a GPU stream)."""
+        dev = states[0].taus.device if states else torch.device("cpu")
+        rows = []
+        for cand in candidates:
+            levels = [K.dare_level(d) for d in cand.densities]
+            rows.append([*(v >> 8 for v in levels), *(v & 0xFF for v in levels), *cand.densities, *self._factors(cand, options), cand.scale])
+        packed = torch.tensor(rows, dtype=torch.float64).to(dev)  # exact for all of these values
+        t = len(candidates[0].weights) if candidates else 0
+        out = {}
+        for cand, row in zip(candidates, packed):
+            ints = row[: 2 * t].to(torch.int32)
+            floats = row[2 * t :].to(torch.float32)  # one rounding from double, as torch.tensor(list) does
+            out[id(cand)] = (ints[:t], ints[t:], floats[:t], floats[t : 2 * t], floats[2 * t])
+        return out
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        level_hi, level_lo, dens, factors, scale = ctx[id(cand)]
         F.run(
             "dare",
             ws.compiled,
@@ -441,13 +460,13 @@ class _Dare(_Base):
             base,
             state.u_hi,
             state.u_lo,
-            levels >> 8,
-            levels & 0xFF,
-            torch.tensor(cand.densities, dtype=torch.float32, device=dev),
-            torch.tensor(factors, dtype=torch.float32, device=dev),
+            level_hi,
+            level_lo,
+            dens,
+            factors,
             cand.coeffs,
             state.l1,
-            torch.tensor(cand.scale, dtype=torch.float32, device=dev),
+            scale,
             self.ties,
             options.normalize,
             options.rescale == "l1",
