@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge import Genome, StatePool, build, prepare
+from evomerge.merge import Genome, StatePool, build, estimate_cache_bytes, parse_options, prepare
 from evomerge.merge.cache import fmt_bytes
 from evomerge.search.fitness import EncodedSample, answer_cross_entropy
 
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for seed, method in enumerate(args.methods, start=1):
         row: dict[str, object] = {"method": method}
+        phase = "expert creation"
         try:
             base = seeded_base(model, seed)
             pool = ConsumingPool(base, make_experts(base, args.experts, seed, args.noise), num_layers=shape.layers)
@@ -248,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             # the experts are freed while the cache fills, so the limit counts them as available
             limit = None if device.type != "cuda" else int(torch.cuda.mem_get_info(device)[0]) + pool_bytes
+            phase = "prepare (cache estimate " + fmt_bytes(
+                estimate_cache_bytes(pool.tensor_specs(), args.experts, method, parse_options(method, None), cache_dtype).total
+            ) + f" + live model {fmt_bytes(model_bytes)})"
             cache = prepare(pool, method, device=device, cache_dtype=cache_dtype, memory_limit=limit)
+            phase = "build"
             sync(device)
             row["prepare s"] = time.perf_counter() - t0
             del pool, base
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             row["build peak"] = fmt_bytes(mem_peak(device)) if device.type == "cuda" else "-"
             del cache
         except torch.OutOfMemoryError as exc:
-            row["note"] = "out of memory: " + str(exc).splitlines()[0][:120]
+            row["note"] = f"out of memory in {phase}: " + str(exc).splitlines()[0][:90]
             print(f"{method}: {row['note']}", flush=True)
         free(device)
         rows.append(row)
