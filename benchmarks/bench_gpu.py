@@ -347,7 +347,7 @@ def report(args, device_name: str, shape: Shape, params: int, model_bytes: int, 
     from rich.table import Table
 
     frames = {
-        "builds": pd.DataFrame(rows),
+        "builds": pd.DataFrame(rows).astype(object).fillna(""),  # a failed method has only a note
         "scoring": pd.DataFrame([score]),
         "projection": pd.DataFrame(proj),
     }
