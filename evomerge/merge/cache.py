@@ -1,8 +1,10 @@
 """prepare / build: the genome-independent work once, then cheap in-place candidates.
 
 ``prepare(pool, method, options)`` streams the task vectors once and keeps, per tensor,
-the base (float32) and the method's state. ``build(cache, genome, out=model)`` writes a
-candidate straight into a live model's parameters.
+the base and the method's state, stored in ``cache_dtype`` (float32 by default; bf16
+halves the cache so an 8B model with three experts fits on one GPU). ``build(cache,
+genome, out=model)`` computes each tensor in float32 and writes the candidate straight
+into a live model's parameters.
 """
 
 from __future__ import annotations
@@ -156,26 +158,57 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def scratch_elements(method: str, options: MethodOptions, n_experts: int) -> tuple[int, str]:
+    """Float32 scratch a build needs, in units of the largest tensor, and its formula.
+
+    One output buffer (a bf16 model is written through it); TIES's original variant and
+    its exact-density tie path keep (T, n) masks; factored TSVM a widened factor.
+    """
+    if method == "ties" and getattr(options, "variant", "") == "original":
+        return 3 * n_experts + 3, "4*(3T+3)*max_numel"
+    if method == "ties" and getattr(options, "density_grid", 0) is None:
+        return n_experts + 2, "4*(T+2)*max_numel"
+    if method in ("tsvm", "r_tsvm") and getattr(options, "storage", "") == "factored":
+        return 3, "4*3*max_numel"
+    return 1, "4*max_numel"
+
+
 def estimate_cache_bytes(
-    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], n_experts: int, method: str, options: MethodOptions
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    n_experts: int,
+    method: str,
+    options: MethodOptions,
+    cache_dtype: torch.dtype = torch.float32,
 ) -> MemoryEstimate:
+    """Bytes ``prepare`` will keep: base and method state in ``cache_dtype`` plus fp32 scratch.
+
+    ``e`` in the formulas is the storage size of one element (4 for float32, 2 for
+    bf16/fp16); index tables (TIES exact order, DARE quantiles) do not depend on it.
+    """
     impl = get_method(method)
+    elem = torch.empty((), dtype=cache_dtype).element_size()
     float_specs = [(n, s) for n, (s, d) in specs.items() if d.is_floating_point]
     params = sum(math.prod(s) for _, s in float_specs)
     max_numel = max((math.prod(s) for _, s in float_specs), default=0)
-    state = sum(impl.state_bytes(s, n_experts, options) for _, s in float_specs)
-    workspace = 4 * max_numel * (3 * n_experts + 3)
+    state = sum(impl.state_bytes(s, n_experts, options, elem=elem) for _, s in float_specs)
+    units, scratch = scratch_elements(method, options, n_experts)
+    workspace = 4 * max_numel * units
     formula = {
-        "task_arithmetic": "4*P + 4*T*P",
-        "linear": "4*P + 4*T*P",
-        "ties": "4*P + 4*T*P + tables (grid: 24*(G+1) B per tensor per expert; exact: 4*T*P)",
-        "dare_linear": "4*P + 4*T*P + 16-bit mask quantiles 2*T*P",
-        "dare_ties": "4*P + 4*T*P + 16-bit mask quantiles 2*T*P",
-        "slerp": "4*P + 4*P",
-        "tsvm": "4*P + dense 4*T*P | factored 4*(m+n)*T*(min(m,n)//T) per matrix",
-        "r_tsvm": "4*P + dense 4*T*P | factored 4*(m+n)*T*(min(m,n)//T) per matrix",
-    }.get(method, "4*P + state") + f" + scratch 4*(3T+3)*max_numel"
-    return MemoryEstimate(4 * params + state + workspace, 4 * params, state, workspace, params, n_experts, formula)
+        "task_arithmetic": "{e}*P + {e}*T*P",
+        "linear": "{e}*P + {e}*T*P",
+        "ties": "{e}*P + {e}*T*P + tables (grid: 24*(G+1) B per tensor per expert; exact: 4*T*P)",
+        "dare_linear": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
+        "dare_ties": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
+        "slerp": "{e}*P + {e}*P",
+        "tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
+        "r_tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
+    }.get(method, "{e}*P + state").format(e=elem) + f" + scratch {scratch}"
+    if cache_dtype != torch.float32:
+        formula += f" [cache {str(cache_dtype).removeprefix('torch.')}]"
+    return MemoryEstimate(elem * params + state + workspace, elem * params, state, workspace, params, n_experts, formula)
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int:
@@ -200,7 +233,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     dtype: torch.dtype  # storage dtype of the base (output dtype when writing a folder)
     layer: int
-    base: torch.Tensor  # flat float32 (or the raw tensor for non-float passthrough)
+    base: torch.Tensor  # flat, in the cache dtype (or the raw tensor for non-float passthrough)
     state: Any = None
 
 
@@ -216,6 +249,7 @@ class MergeCache:
     passthrough: list[TensorPlan]
     device: torch.device
     estimate: MemoryEstimate
+    cache_dtype: torch.dtype = torch.float32
     workspace: Workspace = field(init=False)
     _bound: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict, init=False, repr=False)
 
@@ -288,6 +322,7 @@ def prepare(
     device: torch.device | str = "cpu",
     memory_limit: int | None = None,
     fused: bool | None = None,
+    cache_dtype: torch.dtype = torch.float32,
 ) -> MergeCache:
     """Do every genome-independent step once and return the cache ``build`` reads.
 
@@ -296,18 +331,23 @@ def prepare(
     memory available on ``device``) a :class:`CacheTooLargeError` says by how much.
     ``fused`` (default: on unless ``EVOMERGE_FUSED=0``) compiles the TIES/DARE build
     kernels with ``torch.compile`` once per process (seconds), falling back to eager.
+    ``cache_dtype`` (float32, bfloat16 or float16) stores the base and the task-vector
+    state; builds still compute in float32, so bf16 only rounds what is stored (about
+    3 significant digits of each task vector) in exchange for half the memory.
     """
+    if cache_dtype not in CACHE_DTYPES:
+        raise EvomergeError(f"cache_dtype must be one of {', '.join(map(str, CACHE_DTYPES))}, got {cache_dtype}")
     impl = get_method(method)
     opts = parse_options(method, options)
     names = list(pool.expert_names)
     _check_experts(impl, method, len(names))
     specs = _specs(pool)
-    est = estimate_cache_bytes(specs, len(names), method, opts)
+    est = estimate_cache_bytes(specs, len(names), method, opts, cache_dtype)
     limit = available_bytes(device) if memory_limit is None else memory_limit
     if method in ("tsvm", "r_tsvm") and opts.storage == "auto":  # type: ignore[attr-defined]
         storage = "dense" if est.total <= limit else "factored"
         opts = opts.model_copy(update={"storage": storage})
-        est = estimate_cache_bytes(specs, len(names), method, opts)
+        est = estimate_cache_bytes(specs, len(names), method, opts, cache_dtype)
     if est.total > limit:
         hint = {
             "tsvm": "use options.storage: factored, or fewer experts",
@@ -329,11 +369,13 @@ def prepare(
     with torch.no_grad():
         for name, base, taus in pool.iter_task_vectors(float_names):
             shape, dtype = specs[name]
-            info = TensorInfo(name, tuple(shape), names)
+            info = TensorInfo(name, tuple(shape), names, cache_dtype)
             state = impl.prepare_tensor(info, base.to(device), [t.to(device) for t in taus], opts)
-            plans.append(TensorPlan(name, tuple(shape), dtype, layer_of(name), base.reshape(-1).to(device).contiguous(), state))
+            stored = base.reshape(-1).to(device=device, dtype=cache_dtype).contiguous()
+            plans.append(TensorPlan(name, tuple(shape), dtype, layer_of(name), stored, state))
+            del base, taus  # free this tensor's fp32 task vectors before the next is read
         impl.finalize([p.state for p in plans], opts)
-    cache = MergeCache(method, opts, names, _num_layers(pool, list(specs)), plans, passthrough, device, est)
+    cache = MergeCache(method, opts, names, _num_layers(pool, list(specs)), plans, passthrough, device, est, cache_dtype)
     cache.workspace.compiled = fused_enabled(fused)
     return cache
 
@@ -362,26 +404,42 @@ def _targets(cache: MergeCache, out: Any) -> tuple[list[torch.Tensor], list[torc
     return dests[0], dests[1]
 
 
+def _casts_in_kernel(cache: MergeCache) -> bool:
+    """Whether every tensor of this cache is built by a fused kernel that computes in fp32
+    and rounds once on store, so a bf16/fp16 model can be written without the fp32
+    scratch copy (half the bytes moved per build). True for low-precision caches except
+    TIES 'original' and factored TSVM, which write with BLAS/out= ops."""
+    if cache.cache_dtype == torch.float32:
+        return False
+    opts = cache.options
+    if cache.method == "ties" and getattr(opts, "variant", "") == "original":
+        return False
+    return not (cache.method in ("tsvm", "r_tsvm") and getattr(opts, "storage", "") == "factored")
+
+
 def build(cache: MergeCache, genome: Genome, out: Any = None, dtype: torch.dtype | None = None) -> Any:
     """Write the candidate ``genome`` into ``out`` in place and return it.
 
     ``out`` is a live model (``nn.Module``; names as in the checkpoint) or a dict of
     tensors; ``None`` allocates a fresh state dict (in the base's dtype, or ``dtype``).
-    Float32 contiguous parameters are written directly; others go through one scratch
-    buffer and a ``copy_`` (cast).
+    Float32 contiguous parameters are written directly; so are bf16/fp16 ones from a
+    low-precision cache (the fused kernels round once on store); others go through one
+    fp32 scratch buffer and a ``copy_`` (cast).
     """
     if out is None:
         out = {
             p.name: torch.empty(p.shape, dtype=dtype or p.dtype, device=cache.device) for p in cache.plans
         } | {p.name: torch.empty(p.shape, dtype=p.dtype, device=cache.device) for p in cache.passthrough}
     dests, pass_dests = _targets(cache, out)
+    cast_in_kernel = _casts_in_kernel(cache)
     cands = cache.candidates(genome)
     groups = [cache.group_of(p, genome.n_groups) for p in cache.plans]
     impl, opts, ws = cache.impl, cache.options, cache.workspace
     with torch.no_grad():
         ctx = impl.begin_build([p.state for p in cache.plans], cands, groups, opts, ws)
         for plan, dst, g in zip(cache.plans, dests, groups):
-            direct = dst.dtype == torch.float32 and dst.is_contiguous() and dst.device == cache.device
+            same = dst.is_contiguous() and dst.device == cache.device
+            direct = same and (dst.dtype == torch.float32 or (cast_in_kernel and dst.dtype in (torch.bfloat16, torch.float16)))
             flat = dst.view(-1) if direct else ws.get("out", plan.base.numel())
             impl.build_tensor(plan.state, plan.base, cands[g], flat, ws, opts, ctx)
             if not direct:

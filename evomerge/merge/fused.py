@@ -5,7 +5,8 @@ expert axis unrolled, every step is pointwise over ``n`` and ``torch.compile``
 (inductor: C++ on CPU, Triton on GPU) fuses them into one loop that reads the cached
 task vectors and the base once and writes the output once. The same functions run
 eagerly when compilation is off or unavailable, with identical results (DARE compares
-stored 16-bit quantiles of an integer-hash field: exact in both modes).
+stored 16-bit quantiles of an integer-hash field: exact in both modes). A bf16/fp16
+cache is widened to float32 inside the kernels (``.float()`` is a no-op on fp32).
 """
 
 from __future__ import annotations
@@ -78,9 +79,35 @@ def ties_kernel(
     """
     ws = []
     for k in range(taus.shape[0]):
-        x = taus[k]
+        x = taus[k].float()  # a bf16/fp16 cache is widened here: the merge math stays fp32
         ws.append(torch.where(x.abs() > thr[k], x * coeffs[k], 0.0))
-    out.copy_(base + scale * _consensus(ws, coeffs, normalize))
+    out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
+
+
+def ties_cut_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    thr: torch.Tensor,
+    cut: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+) -> None:
+    """:func:`ties_kernel` with the tie cut inside: expert k keeps ``|x| >= thr_k`` before
+    flat index ``cut_k`` and ``|x| > thr_k`` after, so a whole tensor is one launch.
+
+    Used on GPUs, where per-piece launches and their host-to-device copies of thresholds
+    cost more than the merge itself; the index is generated in the fused loop.
+    """
+    idx = torch.arange(base.shape[0], device=base.device)
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k].float()
+        a = x.abs()
+        keep = (a > thr[k]) | ((a == thr[k]) & (idx < cut[k]))
+        ws.append(torch.where(keep, x * coeffs[k], 0.0))
+    out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
 def ties_masked_kernel(
@@ -93,8 +120,8 @@ def ties_masked_kernel(
     normalize: bool,
 ) -> None:
     """TIES with explicit 0/1 keep masks ``(T, n)``: for ties cut in mergekit's sort order."""
-    ws = [torch.where(keep[k] > 0, taus[k] * coeffs[k], 0.0) for k in range(taus.shape[0])]
-    out.copy_(base + scale * _consensus(ws, coeffs, normalize))
+    ws = [torch.where(keep[k] > 0, taus[k].float() * coeffs[k], 0.0) for k in range(taus.shape[0])]
+    out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
 def dare_kernel(
@@ -122,7 +149,7 @@ def dare_kernel(
     """
     ws = []
     for k in range(taus.shape[0]):
-        x = taus[k]
+        x = taus[k].float()
         hi = u_hi[k].to(torch.int32)  # explicit: uint8 vs a 0-d int32 would compare in uint8
         keep = (hi < level_hi[k]) | ((hi == level_hi[k]) & (u_lo[k].to(torch.int32) < level_lo[k]))
         m = torch.where(keep, x, 0.0)
@@ -141,7 +168,19 @@ def dare_kernel(
         delta = ws[0]
         for w in ws[1:]:
             delta = delta + w
-    out.copy_(base + scale * delta)
+    out.copy_(base.float() + scale * delta)
+
+
+def affine_kernel(out: torch.Tensor, base: torch.Tensor, taus: torch.Tensor, coeffs: torch.Tensor, beta: torch.Tensor) -> None:
+    """``out = beta*base + sum_k coeffs_k taus_k`` in float32 for a low-precision cache.
+
+    The fp32 cache uses one ``addmv`` instead; a bf16/fp16 cache would need widened
+    copies for BLAS, while this pointwise form fuses the widening into one pass.
+    """
+    acc = beta * base.float()
+    for k in range(taus.shape[0]):
+        acc = acc + coeffs[k] * taus[k].float()
+    out.copy_(acc)
 
 
 _COMPILED: dict[str, Callable[..., Any]] = {}
@@ -162,7 +201,13 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
     the same code eagerly.
     """
     global _FAILED
-    fn = {"ties": ties_kernel, "ties_masked": ties_masked_kernel, "dare": dare_kernel}[name]
+    fn = {
+        "ties": ties_kernel,
+        "ties_cut": ties_cut_kernel,
+        "ties_masked": ties_masked_kernel,
+        "dare": dare_kernel,
+        "affine": affine_kernel,
+    }[name]
     if not compiled or _FAILED:
         return fn
     if name not in _COMPILED:

@@ -63,25 +63,28 @@ class MagnitudeTable:
         self.n = n = flat.numel()
         self.grid = grid
         self.values = flat  # a view of the cached task vector: no extra memory
-        mags = flat.abs().float().cpu()
         if grid is None:
+            mags = flat.abs().float().cpu()  # mergekit's order is the CPU (unstable) argsort's
             self.order: torch.Tensor | None = torch.argsort(mags, descending=True).to(torch.int32)
             return
         self.order = None
+        # A stable sort has one answer on every device, so it runs where the values are
+        # (a CPU sort of an 8B model's task vectors takes minutes, a GPU one seconds).
+        mags = flat.abs().float()
         order = torch.argsort(mags, descending=True, stable=True)
-        self.rows = []
-        for g in range(grid + 1):
-            k = (g * n) // grid
-            k = max(1, k) if g > 0 and n else k
-            self.rows.append(self._stable_row(k, order, mags))
+        ks = [max(1, (g * n) // grid) if g > 0 and n else (g * n) // grid for g in range(grid + 1)]
+        inner = [k for k in ks if 0 < k < n]
+        idx = order[torch.tensor(inner, dtype=torch.int64, device=order.device) - 1] if inner else order[:0]
+        found = dict(zip(inner, zip(mags[idx].tolist(), idx.tolist())))  # one device sync per table
+        self.rows = [self._stable_row(k, found.get(k)) for k in ks]
 
-    def _stable_row(self, k: int, order: torch.Tensor, mags: torch.Tensor) -> TopKQuery:
+    def _stable_row(self, k: int, at: tuple[float, int] | None) -> TopKQuery:
+        """Row for K = k; ``at`` = (magnitude, flat index) of the k-th largest entry."""
         if k >= self.n:
             return TopKQuery(self.n, -math.inf, self.n)
-        if k <= 0:
+        if k <= 0 or at is None:
             return TopKQuery(0, math.inf, 0)
-        i = int(order[k - 1])
-        return TopKQuery(k, float(mags[i]), i + 1)
+        return TopKQuery(k, at[0], at[1] + 1)
 
     def _order_row(self, k: int) -> TopKQuery:
         """Query against the stored (mergekit) order: threshold, then which ties are in."""
@@ -137,7 +140,8 @@ class ThresholdTable:
         self.asc: torch.Tensor | None = asc if grid is None else None
         if grid is not None:
             ks = [n - (g * n) // grid for g in range(grid + 1)]
-            self.table = [float(asc[k - 1]) if k >= 1 else -math.inf for k in ks]
+            vals = asc[torch.tensor([max(k, 1) - 1 for k in ks], device=asc.device)].tolist() if n else [0.0] * len(ks)
+            self.table = [v if k >= 1 else -math.inf for k, v in zip(ks, vals)]
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,12 @@ Each method splits its work in two:
   writing into a preallocated float32 buffer, with no sort, SVD or allocation of
   model-sized tensors.
 
+States hold their task-vector-sized tensors in ``TensorInfo.cache_dtype`` (float32 by
+default; bf16/fp16 halves the cache for models that would not fit otherwise). Builds
+always widen to float32 before any arithmetic, and tables (TIES thresholds, DARE L1
+norms) are computed in float32 from the values as stored, so they describe exactly
+what a build compares.
+
 The math is in ``shared/research/merge_methods.md``; section numbers below refer to it.
 """
 
@@ -91,6 +97,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     expert_names: list[str]
+    cache_dtype: torch.dtype = torch.float32  # storage dtype of task-vector-sized state
 
 
 @dataclass
@@ -116,7 +123,7 @@ class MergeMethod(Protocol):
     min_experts: ClassVar[int]
     max_experts: ClassVar[int | None]
 
-    def state_bytes(self, shape: tuple[int, ...], n_experts: int, options: Any) -> int: ...
+    def state_bytes(self, shape: tuple[int, ...], n_experts: int, options: Any, elem: int = 4) -> int: ...
 
     def prepare_tensor(self, info: TensorInfo, base: torch.Tensor, taus: list[torch.Tensor], options: Any) -> Any: ...
 
@@ -171,17 +178,32 @@ def parse_options(method: str, options: Any) -> MethodOptions:
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _affine(base: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, dst: torch.Tensor, beta: float = 1.0) -> None:
-    """``dst = beta*base + sum_k coef_k stack_k`` in one BLAS pass (gemv over the expert axis)."""
-    torch.addmv(base, stack.t(), coef, beta=beta, out=dst)
+def _affine(
+    base: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, dst: torch.Tensor, ws: Workspace, beta: float = 1.0
+) -> None:
+    """``dst = beta*base + sum_k coef_k stack_k``: one BLAS gemv over the expert axis for an
+    fp32 cache; a low-precision cache goes through the fused kernel that widens as it reads.
+    """
+    if base.dtype == torch.float32 and stack.dtype == torch.float32:
+        torch.addmv(base, stack.t(), coef, beta=beta, out=dst)
+        return
+    F.run("affine", ws.compiled, dst, base, stack, coef, torch.tensor(beta, dtype=torch.float32, device=base.device))
+
+
+def _abs_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``|x|`` into the fp32 buffer ``out``, widening a bf16/fp16 ``x`` first."""
+    if x.dtype == out.dtype:
+        return torch.abs(x, out=out)
+    return out.copy_(x).abs_()
 
 
 def _coef_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device)
 
 
-def _stack(taus: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([t.reshape(-1).float() for t in taus]).contiguous()
+def _stack(taus: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Flat ``(T, n)`` task vectors in the cache's storage dtype."""
+    return torch.stack([t.reshape(-1).to(dtype) for t in taus]).contiguous()  # taus arrive in fp32
 
 
 class _Base:
@@ -207,11 +229,11 @@ class TaskArithmetic(_Base):
 
     options_model = TaskArithmeticOptions
 
-    def state_bytes(self, shape, n_experts, options) -> int:
-        return 4 * n_experts * math.prod(shape)
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * n_experts * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> torch.Tensor:
-        return _stack(taus)
+        return _stack(taus, info.cache_dtype)
 
     def _divisor(self, cand: Candidate, normalize: bool) -> float:
         total = sum(cand.weights)
@@ -219,7 +241,7 @@ class TaskArithmetic(_Base):
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         factor = cand.scale / self._divisor(cand, options.normalize)
-        _affine(base, state, cand.coeffs * factor, dst)
+        _affine(base, state, cand.coeffs * factor, dst, ws)
 
 
 @register_method("linear")
@@ -235,7 +257,7 @@ class Linear(TaskArithmetic):
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         div = self._divisor(cand, options.normalize)
         extra = 0.0 if options.normalize else sum(cand.weights) - 1.0
-        _affine(base, state, cand.coeffs * (cand.scale / div), dst, beta=1.0 + cand.scale * extra)
+        _affine(base, state, cand.coeffs * (cand.scale / div), dst, ws, beta=1.0 + cand.scale * extra)
 
 
 # --------------------------------------------------------------------------- TIES
@@ -254,14 +276,15 @@ class Ties(_Base):
 
     options_model = TiesOptions
     uses_density = True
+    one_launch_devices: ClassVar[tuple[str, ...]] = ("cuda",)  # where _device_tables is used
 
-    def state_bytes(self, shape, n_experts, options) -> int:
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
         table = 4 * n if options.density_grid is None else 24 * (options.density_grid + 1)
-        return n_experts * (4 * n + (0 if options.variant == "original" else table))
+        return n_experts * (elem * n + (0 if options.variant == "original" else table))
 
     def prepare_tensor(self, info, base, taus, options) -> TiesState:
-        stack = _stack(taus)
+        stack = _stack(taus, info.cache_dtype)  # tables read these stored values, widened to fp32
         if options.variant == "original":
             return TiesState(stack, [])  # global tables are built in finalize()
         return TiesState(stack, [K.MagnitudeTable(row, options.density_grid) for row in stack])
@@ -278,7 +301,7 @@ class Ties(_Base):
         t, n = state.taus.shape
         absb = ws.get("abs", t * n).view(t, n)
         keep = ws.get("keep", t * n).view(t, n)  # float 0/1 masks: far faster than bool on CPU
-        torch.abs(state.taus, out=absb)
+        _abs_into(state.taus, absb)
         for k, table in enumerate(state.tables):
             torch.ge(absb[k], table.threshold(cand.densities[k]), out=keep[k])
         keep.mul_(cand.coeffs[:, None])
@@ -287,7 +310,7 @@ class Ties(_Base):
 
     def begin_build(self, states, candidates, groups, options, ws) -> Any:
         if options.variant != "original":
-            return None
+            return self._device_tables(states, candidates, groups)
         if len(candidates) > 1:
             raise ConfigError("ties variant 'original' trims over the whole model: use a genome with one layer group")
         # Zero elected signs take the model-wide majority sign: a first pass sums sign(S).
@@ -297,7 +320,34 @@ class Ties(_Base):
             total += float(torch.sign(w.sum(0)).sum())
         return 1.0 if total >= 0 else -1.0  # ties (incl. empty) -> +
 
+    @staticmethod
+    def _device_tables(states: list[TiesState], candidates: list[Candidate], groups: list[int]) -> Any:
+        """On a GPU: every tensor's (threshold, cut) pairs for this candidate, sent in one copy.
+
+        Per-tensor copies of a few numbers each stall the GPU (a pageable host-to-device
+        copy waits for the stream); one table per build and a single-launch kernel per
+        tensor do not. Returns None on the CPU or when exact-density ties need masks.
+        """
+        if not states or states[0].taus.device.type not in Ties.one_launch_devices:
+            return None
+        thr, cut, scales = [], [], []
+        for state, g in zip(states, groups):
+            queries = [table.query(d) for table, d in zip(state.tables, candidates[g].densities)]
+            if any(q.ties is not None for q in queries):
+                return None
+            thr.append([q.threshold for q in queries])
+            cut.append([q.cut for q in queries])
+            scales.append(candidates[g].scale)
+        dev = states[0].taus.device
+        rows = {id(s): i for i, s in enumerate(states)}
+        return rows, torch.tensor(thr, dtype=torch.float32).to(dev), torch.tensor(cut, dtype=torch.int64).to(dev), torch.tensor(scales, dtype=torch.float32).to(dev)
+
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if options.variant == "mergekit" and ctx is not None:
+            rows, thr, cut, scales = ctx
+            i = rows[id(state)]
+            F.run("ties_cut", ws.compiled, dst, state.taus, base, thr[i], cut[i], cand.coeffs, scales[i], options.normalize)
+            return
         if options.variant == "mergekit":
             queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
             scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
@@ -306,7 +356,7 @@ class Ties(_Base):
                 keep = ws.get("keep", t * n).view(t, n)
                 absb = ws.get("abs", n)
                 for k, q in enumerate(queries):
-                    K.topk_keep(torch.abs(state.taus[k], out=absb), q, keep[k])
+                    K.topk_keep(_abs_into(state.taus[k], absb), q, keep[k])
                 F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
                 return
             # Expert k keeps |x| >= t_k before its cut index and |x| > t_k after; split the
@@ -359,18 +409,21 @@ class _Dare(_Base):
     uses_density = True
     ties: ClassVar[bool] = False
 
-    def state_bytes(self, shape, n_experts, options) -> int:
-        return (4 + 2) * n_experts * math.prod(shape)
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return (elem + 2) * n_experts * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> DareState:
-        stack = _stack(taus)
-        fields = [K.keyed_uniform(K.tensor_key(options.seed, e, info.name), torch.empty_like(stack[0])) for e in info.expert_names]
-        hi, lo = zip(*(K.dare_quantiles(u) for u in fields))
+        stack = _stack(taus, info.cache_dtype)
+        hi = torch.empty(stack.shape, dtype=torch.uint8, device=stack.device)
+        lo = torch.empty_like(hi)
+        u = torch.empty(stack.shape[1], dtype=torch.float32, device=stack.device)
+        for k, e in enumerate(info.expert_names):  # one field at a time: prepare's peak stays small
+            hi[k], lo[k] = K.dare_quantiles(K.keyed_uniform(K.tensor_key(options.seed, e, info.name), u))
         # float64 sums: torch's fp32 vector_norm(ord=1) is ~4% low on 25M-entry tensors
         l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
-        return DareState(stack, torch.stack(hi), torch.stack(lo), l1)
+        return DareState(stack, hi, lo, l1)
 
-    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+    def _factors(self, cand: Candidate, options: Any) -> list[float]:
         if options.rescale == "l1":
             factors = list(cand.weights)  # the L1 ratio is computed inside the kernel
         else:
@@ -378,8 +431,27 @@ class _Dare(_Base):
         total = sum(cand.weights)
         if not self.ties and options.normalize and abs(total) >= 1e-8:
             factors = [f / total for f in factors]
-        dev = base.device
-        levels = torch.tensor([K.dare_level(d) for d in cand.densities], dtype=torch.int32, device=dev)
+        return factors
+
+    def begin_build(self, states, candidates, groups, options, ws) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Each layer group's kernel arguments, sent to the device in one copy per build
+        (per-tensor copies of a few numbers each would stall a GPU stream)."""
+        dev = states[0].taus.device if states else torch.device("cpu")
+        rows = []
+        for cand in candidates:
+            levels = [K.dare_level(d) for d in cand.densities]
+            rows.append([*(v >> 8 for v in levels), *(v & 0xFF for v in levels), *cand.densities, *self._factors(cand, options), cand.scale])
+        packed = torch.tensor(rows, dtype=torch.float64).to(dev)  # exact for all of these values
+        t = len(candidates[0].weights) if candidates else 0
+        out = {}
+        for cand, row in zip(candidates, packed):
+            ints = row[: 2 * t].to(torch.int32)
+            floats = row[2 * t :].to(torch.float32)  # one rounding from double, as torch.tensor(list) does
+            out[id(cand)] = (ints[:t], ints[t:], floats[:t], floats[t : 2 * t], floats[2 * t])
+        return out
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        level_hi, level_lo, dens, factors, scale = ctx[id(cand)]
         F.run(
             "dare",
             ws.compiled,
@@ -388,13 +460,13 @@ class _Dare(_Base):
             base,
             state.u_hi,
             state.u_lo,
-            levels >> 8,
-            levels & 0xFF,
-            torch.tensor(cand.densities, dtype=torch.float32, device=dev),
-            torch.tensor(factors, dtype=torch.float32, device=dev),
+            level_hi,
+            level_lo,
+            dens,
+            factors,
             cand.coeffs,
             state.l1,
-            torch.tensor(cand.scale, dtype=torch.float32, device=dev),
+            scale,
             self.ties,
             options.normalize,
             options.rescale == "l1",
@@ -443,8 +515,8 @@ class Slerp(_Base):
     options_model = SlerpOptions
     max_experts = 1
 
-    def state_bytes(self, shape, n_experts, options) -> int:
-        return 4 * math.prod(shape)
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> SlerpState:
         v0 = base.reshape(-1).float()
@@ -454,7 +526,8 @@ class Slerp(_Base):
         n1 = n1 if n1 > options.eps else torch.tensor(1.0)
         dot = float(((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1))
         linear = abs(dot) > options.dot_threshold
-        return SlerpState(_stack(taus), 0.0 if linear else math.acos(dot), linear)
+        dtype = info.cache_dtype if info is not None else torch.float32  # the reference passes no info
+        return SlerpState(_stack(taus, dtype), 0.0 if linear else math.acos(dot), linear)
 
     @staticmethod
     def coefficients(t: float, theta: float, linear: bool) -> tuple[float, float]:
@@ -467,7 +540,7 @@ class Slerp(_Base):
         a, b = self.coefficients(cand.weights[0], state.theta, state.linear)
         lam = cand.scale
         # slerp = a*theta0 + b*(theta0 + tau); then theta = theta0 + lam*(slerp - theta0)
-        _affine(base, state.tau, _coef_tensor([lam * b], base), dst, beta=1.0 + lam * (a + b - 1.0))
+        _affine(base, state.tau, _coef_tensor([lam * b], base), dst, ws, beta=1.0 + lam * (a + b - 1.0))
 
 
 # --------------------------------------------------------------------------- TSVM / R-TSVM
@@ -497,12 +570,12 @@ class Tsvm(_Base):
         excluded = any(fnmatch.fnmatch(name, pat) for pat in options.exclude)
         return len(shape) == 2 and not excluded and min(shape) // n_experts > 0
 
-    def state_bytes(self, shape, n_experts, options) -> int:
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
         if options.storage == "factored" and len(shape) == 2:
             m, k = shape
-            return 4 * (m + k) * n_experts * (min(m, k) // n_experts)
-        return 4 * n_experts * n
+            return elem * (m + k) * n_experts * (min(m, k) // n_experts)
+        return elem * n_experts * n
 
     def weights(self, taus: list[torch.Tensor], options: Any) -> tuple[torch.Tensor | None, int | None]:
         return None, None
@@ -516,28 +589,35 @@ class Tsvm(_Base):
         if not self.is_matrix(info.name, info.shape, t, options):
             if len(info.shape) == 2 and min(info.shape) // t == 0:
                 log.warning("%s: rank %d < %d tasks, TSVM falls back to the mean", info.name, min(info.shape), t)
-            return TsvmState(dense=_stack(taus) * self.vector_weights(taus, options)[:, None], shape=info.shape)
+            dense = _stack(taus) * self.vector_weights(taus, options)[:, None]
+            return TsvmState(dense=dense.to(info.cache_dtype), shape=info.shape)
         w, keep_rank = self.weights(taus, options)
         order = getattr(options, "order", "orth_then_trunc")
         f = K.tsvm_factors(taus, keep_rank, order, options.drop_null_directions)
         assert f is not None
         us = f.us
         if w is not None:  # fold R-TSVM weights into each task's block of columns
-            us = us * torch.repeat_interleave(w.float(), f.rank)[None, :]
+            us = us * torch.repeat_interleave(w.float().to(us.device), f.rank)[None, :]  # w is computed on the CPU
         extra = {} if w is None else {"w": w.tolist(), "k_l": keep_rank}
+        dt = info.cache_dtype
         if options.storage == "factored":
-            return TsvmState(us=us.contiguous(), vh=f.vh, rank=f.rank, shape=info.shape, info=extra)
-        return TsvmState(dense=K.TsvmFactors(us, f.vh, f.rank).dense(t), shape=info.shape, info=extra)
+            return TsvmState(us=us.to(dt).contiguous(), vh=f.vh.to(dt).contiguous(), rank=f.rank, shape=info.shape, info=extra)
+        return TsvmState(dense=K.TsvmFactors(us, f.vh, f.rank).dense(t).to(dt), shape=info.shape, info=extra)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if state.dense is not None:
-            _affine(base, state.dense, cand.coeffs * cand.scale, dst)
+            _affine(base, state.dense, cand.coeffs * cand.scale, dst, ws)
             return
         assert state.us is not None and state.vh is not None
         m, n = state.shape
         scaled = ws.get("us", state.us.numel()).view(state.us.shape)
         torch.mul(state.us, torch.repeat_interleave(cand.coeffs, state.rank)[None, :], out=scaled)
-        torch.addmm(base.view(m, n), scaled, state.vh, alpha=cand.scale, out=dst.view(m, n))
+        if state.vh.dtype == torch.float32 and base.dtype == torch.float32:
+            torch.addmm(base.view(m, n), scaled, state.vh, alpha=cand.scale, out=dst.view(m, n))
+            return
+        vh = ws.get("vh", state.vh.numel()).view(state.vh.shape).copy_(state.vh)  # widen: the GEMM runs in fp32
+        dst.copy_(base)
+        dst.view(m, n).addmm_(scaled, vh, alpha=cand.scale)
 
 
 @register_method("r_tsvm")
