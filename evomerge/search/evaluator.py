@@ -18,7 +18,7 @@ import torch
 from evomerge.merge import Genome, build, prepare
 from evomerge.pool import LoadOptions, Pool, load_model, load_tokenizer
 from evomerge.search.data import QASet, load_qa_set, resolve_path
-from evomerge.search.fitness import SetScore, answer_cross_entropy, encode_pairs
+from evomerge.search.fitness import ScoringPlan, SetScore, encode_pairs
 from evomerge.search.recipe import SearchRecipe
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class CandidateEvaluator:
         self.encoded = {
             key: encode_pairs(self.tokenizer, s.pairs, fit.max_length, name=key) for key, s in self.sets.items()
         }
+        self.plans = {key: ScoringPlan(samples, fit.batch_size, fit.max_batch_tokens, fit.device)
+                      for key, samples in self.encoded.items()}
         self.prepare_s = time.perf_counter() - started
         self.num_layers = int(getattr(self.model.config, "num_hidden_layers", 1))
         log.info("prepared %s over %d experts in %.1fs; sets: %s", self.method, len(experts), self.prepare_s,
@@ -98,12 +100,7 @@ class CandidateEvaluator:
         build(self.cache, genome, out=self.model)
 
     def score(self) -> dict[str, SetScore]:
-        fit = self.recipe.fitness
-        out = {}
-        for key, samples in self.encoded.items():
-            ce, counts = answer_cross_entropy(self.model, samples, fit.batch_size, fit.max_batch_tokens, fit.device)
-            out[key] = SetScore.from_per_sample(ce, counts)
-        return out
+        return {key: SetScore.from_per_sample(*plan.run(self.model)) for key, plan in self.plans.items()}
 
     def evaluate(self, genome: Genome, lam: float | None = None) -> Scored:
         """Build ``genome`` into the live model and return its fitness terms.

@@ -125,7 +125,72 @@ def _decoder_and_head(model):
     return trunk, head
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class _Batch:
+    ids: torch.Tensor  # [B, W] right-padded
+    mask: torch.Tensor  # [B, W] from lengths
+    rows: torch.Tensor  # [K] batch row of each labelled position
+    cols: torch.Tensor  # [K] position whose logits predict the label
+    targets: torch.Tensor  # [K] label token ids
+    members: torch.Tensor  # [B] sample index of each row
+
+
+class ScoringPlan:
+    """The batches of a fixed sample set, collated once and reused for every candidate.
+
+    Why: a search scores the same samples hundreds of times; padding, index tensors and
+    host-to-device copies are genome-independent, so they are paid once here and each
+    candidate costs only the forward passes.
+    """
+
+    def __init__(self, samples: Sequence[EncodedSample], batch_size: int = 64, max_batch_tokens: int = 16384,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.n = len(samples)
+        self.counts = torch.tensor([s.n_answer_tokens for s in samples], dtype=torch.long)
+        self.batches: list[_Batch] = []
+        for idx in _batches(samples, batch_size, max_batch_tokens):
+            width = max(len(samples[i].ids) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            rows, cols, targets = [], [], []
+            for r, i in enumerate(idx):
+                s = samples[i]
+                ids[r, : len(s.ids)] = torch.tensor(s.ids)
+                mask[r, : len(s.ids)] = 1
+                # position t predicts token t + 1
+                rows.extend([r] * s.n_answer_tokens)
+                cols.extend(range(s.answer_start - 1, s.answer_end - 1))
+                targets.extend(s.ids[s.answer_start : s.answer_end])
+            dev = self.device
+            self.batches.append(_Batch(ids.to(dev), mask.to(dev), torch.tensor(rows, device=dev),
+                                       torch.tensor(cols, device=dev), torch.tensor(targets, device=dev),
+                                       torch.tensor(idx)))
+
+    @torch.no_grad()
+    def run(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (mean CE over answer tokens, answer-token count), in input order."""
+        sums = torch.zeros(self.n, dtype=torch.float64)
+        split = _decoder_and_head(model)
+        was_training = model.training
+        model.eval()
+        try:
+            for b in self.batches:
+                if split is not None:
+                    trunk, head = split
+                    hidden = trunk(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
+                    logits = head(hidden[b.rows, b.cols])
+                else:
+                    logits = model(input_ids=b.ids, attention_mask=b.mask).logits[b.rows, b.cols]
+                token_ce = torch.nn.functional.cross_entropy(logits.float(), b.targets, reduction="none")
+                per_row = torch.zeros(len(b.members), dtype=torch.float64, device=token_ce.device)
+                per_row.index_add_(0, b.rows, token_ce.double())
+                sums[b.members] = per_row.cpu()
+        finally:
+            model.train(was_training)
+        return sums / self.counts, self.counts
+
+
 def answer_cross_entropy(
     model,
     samples: Sequence[EncodedSample],
@@ -136,49 +201,13 @@ def answer_cross_entropy(
     """Per-sample (mean CE over answer tokens, answer-token count), in input order.
 
     Batched with right padding and length sorting; the attention mask comes from the
-    lengths. Logits are computed in the model's dtype and the CE in float32.
+    lengths. Logits are computed in the model's dtype and the CE in float32. For many
+    candidates on the same samples, build a :class:`ScoringPlan` once instead.
     """
     if not samples:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    split = _decoder_and_head(model)
-    ce = torch.empty(len(samples), dtype=torch.float64)
-    counts = torch.tensor([s.n_answer_tokens for s in samples], dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        for idx in _batches(samples, batch_size, max_batch_tokens):
-            width = max(len(samples[i].ids) for i in idx)
-            ids = torch.zeros(len(idx), width, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            # position t predicts token t+1: row r's labelled positions are answer_start-1 .. answer_end-2
-            rows, cols, targets = [], [], []
-            for r, i in enumerate(idx):
-                s = samples[i]
-                ids[r, : len(s.ids)] = torch.tensor(s.ids)
-                mask[r, : len(s.ids)] = 1
-                span = range(s.answer_start - 1, s.answer_end - 1)
-                rows.extend([r] * len(span))
-                cols.extend(span)
-                targets.extend(s.ids[s.answer_start : s.answer_end])
-            ids, mask = ids.to(device), mask.to(device)
-            rows_t = torch.tensor(rows, device=device)
-            cols_t = torch.tensor(cols, device=device)
-            if split is not None:
-                trunk, head = split
-                hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state
-                logits = head(hidden[rows_t, cols_t])
-            else:
-                logits = model(input_ids=ids, attention_mask=mask).logits[rows_t, cols_t]
-            token_ce = torch.nn.functional.cross_entropy(
-                logits.float(), torch.tensor(targets, device=device), reduction="none"
-            ).to("cpu", torch.float64)
-            per_row = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(rows), token_ce)
-            for r, i in enumerate(idx):
-                ce[i] = per_row[r] / samples[i].n_answer_tokens
-    finally:
-        model.train(was_training)
-    return ce, counts
+    return ScoringPlan(samples, batch_size, max_batch_tokens, device).run(model)
 
 
 def naive_answer_cross_entropy(model, samples: Sequence[EncodedSample]) -> torch.Tensor:
