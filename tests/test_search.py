@@ -272,6 +272,8 @@ def test_default_run_dir_and_resume_of_newest(tmp_path, recipe_data):
     longer = r.model_copy(update={"search": r.search.model_copy(update={"steps": 2})})
     resumed = run_search(longer, runs_root=tmp_path / "runs", resume=True, progress=False, write_outputs=False)
     assert resumed.run_dir == first.run_dir and len(resumed.state.candidates) == 8
+    again = run_search(r, runs_root=tmp_path / "runs", progress=False, write_outputs=False)
+    assert again.run_dir != first.run_dir  # a new run never lands in an existing folder
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path, recipe_data):

@@ -111,6 +111,10 @@ def run_search(
             run_dir = latest
         else:
             run_dir = root / RunDir.new_id(recipe)
+            suffix = 2
+            while run_dir.exists():  # two runs started within the same second
+                run_dir = root / f"{RunDir.new_id(recipe)}-{suffix}"
+                suffix += 1
     run = RunDir(run_dir)
     state = run.open(recipe, resume, force)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -98,8 +99,11 @@ class RunDir:
     @staticmethod
     def latest(root: Path, recipe: SearchRecipe) -> Path | None:
         """The newest run of this recipe under ``root`` (for ``--resume`` without ``--run-dir``)."""
-        runs = sorted(p for p in root.glob(f"{recipe.name}-*") if (p / "recipe.yaml").exists())
-        return runs[-1] if runs else None
+        stamp = re.compile(rf"{re.escape(recipe.name)}-\d{{8}}-\d{{6}}(-\d+)?")
+        runs = [p for p in root.glob(f"{recipe.name}-*") if stamp.fullmatch(p.name) and (p / "recipe.yaml").exists()]
+        # newest first by timestamp, then by same-second suffix
+        return max(runs, key=lambda p: (p.name[len(recipe.name) + 1 :][:15], int(p.name[len(recipe.name) + 17 :] or 1)),
+                   default=None)
 
     def open(self, recipe: SearchRecipe, resume: bool, force: bool) -> SearchState | None:
         """Prepare the folder; return the checkpoint to resume from, if any."""
