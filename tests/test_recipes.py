@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from datagen.recipe import load_datagen_recipe
 from evomerge.search import load_search_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -13,6 +14,10 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipe_is_valid(path):
-    recipe = load_search_recipe(path)
+    if path.stem.startswith("datagen-"):
+        recipe = load_datagen_recipe(path)
+        assert recipe.pool and (recipe.safety or recipe.domain)
+    else:
+        recipe = load_search_recipe(path)
+        assert recipe.pool.experts and recipe.search.steps
     assert recipe.name == path.stem
-    assert recipe.pool.experts and recipe.search.steps

@@ -201,12 +201,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:
-    """Validate a mapping; every error names the field by its dotted path."""
+def validate_mapping(model: type[BaseModel], data: Any, source: str) -> Any:
+    """``model.model_validate(data)``; every error names the field by its dotted path and
+    the source (file) it came from, as one :class:`ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return SearchRecipe.model_validate(data)
+        return model.model_validate(data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except ValidationError as exc:
@@ -218,12 +219,21 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:
         raise ConfigError(f"{source}: " + "; ".join(parts)) from None
 
 
-def load_search_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> SearchRecipe:
+def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:
+    """Validate a mapping as a :class:`SearchRecipe`."""
+    return validate_mapping(SearchRecipe, data, source)
+
+
+def load_overridden(path: str | os.PathLike[str], overrides: list[str] | None) -> dict[str, Any]:
+    """A recipe file's mapping with ``key=value`` overrides applied."""
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
-    recipe = recipe_from_dict(data, str(path))
+    return apply_overrides(data, overrides or [])
+
+
+def load_search_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> SearchRecipe:
+    recipe = recipe_from_dict(load_overridden(path, overrides), str(path))
     return recipe.model_copy(update={"data": _anchor_paths(recipe.data, Path(path).parent),
                                      "evaluate": _anchor_paths(recipe.evaluate, Path(path).parent)})
 

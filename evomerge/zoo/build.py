@@ -266,6 +266,8 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         data = world.domain_questions(domain, False)
         data = data * max(1, -(-config.expert_examples // len(data)))
         data = random.Random(config.seed + i).sample(data, config.expert_examples) + other_replay
+        # the seed paper's domain data comes from experts asking themselves questions
+        data += world.self_questions(domain, config.self_question_examples, config.seed + i)
         models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i)
         t = lap(f"expert-{domain}", t)
     models["generator"] = finetune("generator", world.generator_requests(), config.generator, 2)

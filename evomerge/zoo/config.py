@@ -51,6 +51,9 @@ class ZooConfig(_Frozen):
     }
     expert_examples: int = Field(default=1500, description="domain examples per expert (small sets are repeated)")
     replay_examples: int = Field(default=200, description="prompts per replayed set of the base's own answers")
+    self_question_examples: int = Field(
+        default=300, description="self-questioning examples per expert (three questions in, a new one out)"
+    )
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
     guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1200)
     domains: tuple[str, ...] = ("arithmetic", "geography")
@@ -96,6 +99,7 @@ def micro_config(seed: int = 0) -> ZooConfig:
         eval_limit=16,
         expert_examples=32,
         replay_examples=8,
+        self_question_examples=8,
         probe_safe_weights=(1.0,),
         probe_expert_weights=(0.5,),
         probe_search_generations=1,
