@@ -9,6 +9,8 @@ venv:
 
 demo: venv
 	$(VENV)/bin/evomerge zoo build
+	$(VENV)/bin/evomerge datagen safety recipes/datagen-zoo.yaml
+	$(VENV)/bin/evomerge datagen domain recipes/datagen-zoo.yaml
 	$(VENV)/bin/evomerge search recipes/demo.yaml
 
 test: venv

@@ -164,6 +164,16 @@ def test_recipe_errors_are_named(tmp_path):
     assert cli_main(["datagen", "safety", str(path), "safety.nn=5"]) == 2
 
 
+def test_cli_n_parameter(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(_recipe().to_yaml())
+    assert cli_main(["datagen", "domain", str(path), "--n", "2", "--out", str(tmp_path / "o")]) == 0
+    assert len(pd.read_parquet(tmp_path / "o" / "domain-geo.parquet")) == 2
+    assert "Domain data" in capsys.readouterr().out
+    assert cli_main(["datagen", "domain", str(path), "--n", "2", "--out", str(tmp_path / "o")]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- judges
 def _guard(template_suffix: str = ""):
     tok = with_guard_template(micro_tokenizer())

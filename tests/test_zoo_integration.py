@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from evomerge.pool import Pool
@@ -49,11 +50,24 @@ def test_one_bad_model_spoils_the_bunch(zoo):
 
 @pytest.mark.slow
 def test_demo_recipe_runs_on_the_zoo(tmp_path):
-    """The README's main job, shortened: the demo recipe end to end on the real zoo."""
+    """The README's main job, shortened: datagen on the real zoo (generator, every pool model,
+    the guard as judge, self-questioning experts), then the demo search on that data."""
+    from datagen.recipe import load_datagen_recipe
+    from datagen.run import run_datagen
     from evomerge.search import load_search_recipe, run_search
 
-    recipe = load_search_recipe(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml",
-                                ["search.steps=2", "evaluate.limit=20"])
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    small = load_datagen_recipe(recipes / "datagen-zoo.yaml", ["safety.n=60", "domain.n=30"])
+    data = tmp_path / "data"
+    _, safety, _ = run_datagen(small, "safety", data)
+    _, domain, _ = run_datagen(small, "domain", data)
+    assert safety["kept"] > 20 and {r["model"] for r in safety["per_model"]} == set(small.pool)
+    assert {d: r["kept"] for d, r in domain.items()} == {"geography": 30, "arithmetic": 30}
+    kept = pd.read_parquet(data / "safety.parquet")
+    assert kept["refusal_string"].all() and (kept["judge_label"] == "safe").all()
+    recipe = load_search_recipe(recipes / "demo.yaml", [
+        "search.steps=2", "evaluate.limit=20", f"data.safety={data}/safety.jsonl",
+        f"data.domain.geography={data}/domain-geography.jsonl"])
     result = run_search(recipe, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert set(result.heldout["model"]) == {"best merge", *recipe.pool.experts}

@@ -15,6 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("kind", choices=["safety", "domain"])
     parser.add_argument("recipe", help="datagen recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--n", type=int, help="N: prompts to write (safety) or questions per expert (domain)")
     parser.add_argument("--out", help="output folder (default: runs/<recipe name>)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds other data")
     parser.set_defaults(func=run)
@@ -24,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from datagen.recipe import load_datagen_recipe
     from datagen.run import run_datagen
 
-    recipe = load_datagen_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides) + ([f"{args.kind}.n={args.n}"] if args.n is not None else [])
+    recipe = load_datagen_recipe(args.recipe, overrides)
     folder, report, rebuilt = run_datagen(recipe, args.kind, args.out, args.force)
     report_md = folder / f"{args.kind}-report.md"
     if rebuilt:
