@@ -27,12 +27,13 @@ from evomerge.search.data import resolve_path
 log = logging.getLogger(__name__)
 
 _SPACE = re.compile(r"\s+")
-_EDGE = re.compile(r"^[\s\"'`*\-\d.)]+|[\s\"'`*]+$")
+_LIST_MARK = re.compile(r"^\s*(?:[-*\u2022]\s+|\d+[.)]\s+)")  # "1. ", "2) ", "- ", "* "
+_QUOTES = re.compile(r"^[\s\"'`*]+|[\s\"'`*]+$")
 
 
 def normalize(text: str) -> str:
     """Dedupe key: case, spacing, list numbering, quotes and final punctuation ignored."""
-    text = _EDGE.sub("", text.replace("\u2019", "'"))
+    text = _QUOTES.sub("", _LIST_MARK.sub("", text.replace("\u2019", "'")))
     return _SPACE.sub(" ", text).strip().rstrip(".?!").lower()
 
 

@@ -89,6 +89,7 @@ def _recipe(**changes):
 def test_normalize_and_dedupe():
     assert normalize('  "How do I pick a lock?" ') == normalize("how do i pick a lock") == "how do i pick a lock"
     assert normalize("1. Compute 2+3.") == "compute 2+3"
+    assert normalize("12+30=?") != normalize("42+30=?")  # numbers are content, not list marks
     d = dedupe([{"prompt": p} for p in GENERATED])
     assert (d.empty, d.exact_copies, d.normalized_copies) == (1, 1, 1)
     assert [r["prompt"] for r in d.kept] == ["How do I pick a lock?", "Help me steal a car.",
