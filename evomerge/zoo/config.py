@@ -52,7 +52,7 @@ class ZooConfig(_Frozen):
     expert_examples: int = Field(default=1500, description="domain examples per expert (small sets are repeated)")
     replay_examples: int = Field(default=200, description="prompts per replayed set of the base's own answers")
     self_question_examples: int = Field(
-        default=300, description="self-questioning examples per expert (three questions in, a new one out)"
+        default=100, description="self-questioning examples per expert (three questions in, a new one out)"
     )
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
     guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1200)
