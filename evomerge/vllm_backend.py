@@ -45,6 +45,7 @@ except ImportError as exc:  # re-raised with the fix named: callers catch Import
     ) from exc
 
 EXTENSION = "evomerge.vllm_backend.WeightSwapExtension"
+CPU_HEAD_MULTIPLE = 16  # vLLM's CPU attention kernels: head sizes divisible by 16 (vec16) or 32
 
 
 class VLLMBackendError(EvomergeError):
@@ -70,8 +71,97 @@ class WeightSwapExtension:
         blob round-trips exactly (dtype, shape, bits) without pickle.
         """
         state = safetensors_load(payload)
+        padding = HeadPadding.from_hf_config(self.model_runner.model_config.hf_config)
+        if padding is not None:
+            state = padding.convert(state)
         self.model_runner.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
+
+
+PADDING_KEY = "evomerge_source_head_dim"
+
+
+class HeadPadding:
+    """Run a model whose attention head size vLLM's CPU kernels lack (the tiny zoo's 24)
+    as an exactly equivalent model with a supported head size.
+
+    Why exact: each head's 24 dims are placed in a 32-wide head with zeros in the extra
+    dims, keeping rotate-half pairs together (dims ``i`` and ``i + h/2`` go to ``i`` and
+    ``i + H/2``); the RoPE base becomes ``theta ** (H / h)`` so those dims keep their
+    frequencies ``theta ** (-2i / h)``; queries are scaled by ``sqrt(H / h)`` so vLLM's
+    ``1 / sqrt(H)`` softmax scale acts as ``1 / sqrt(h)``. The zero dims add nothing to
+    q.k and nothing to the output (their ``o_proj`` columns are zero). Callers keep
+    sending checkpoint-shaped tensors; the worker converts them (:meth:`convert`).
+    """
+
+    def __init__(self, source: int, target: int, n_heads: int, n_kv_heads: int) -> None:
+        self.source, self.target, self.n_heads, self.n_kv_heads = source, target, n_heads, n_kv_heads
+        half, pad = source // 2, (target - source) // 2
+        self.index = torch.tensor([i if i < half else i + pad for i in range(source)])
+
+    @staticmethod
+    def head_dim(config: Any) -> int:
+        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+    @classmethod
+    def needed(cls, config: Any, multiple: int) -> HeadPadding | None:
+        """The padding for ``config`` when its head size is not a multiple of ``multiple``;
+        refuses (by name) models where padding would not be exact."""
+        h = cls.head_dim(config)
+        if h % multiple == 0:
+            return None
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        problems = []
+        if getattr(config, "model_type", "") != "llama":
+            problems.append(f"model_type {getattr(config, 'model_type', None)!r} (only llama is handled)")
+        if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            problems.append(f"rope_parameters {rope} (only plain full RoPE is handled)")
+        if h % 2:
+            problems.append("an odd head size")
+        if problems:
+            raise ConfigError(f"vllm: head size {h} is not a multiple of {multiple}, which this platform's "
+                              f"attention kernels need, and it cannot be padded exactly: {'; '.join(problems)}")
+        target = -(-h // multiple) * multiple
+        return cls(h, target, int(config.num_attention_heads),
+                   int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> HeadPadding | None:
+        source = getattr(config, PADDING_KEY, None)
+        if source is None:
+            return None
+        return cls(int(source), cls.head_dim(config), int(config.num_attention_heads),
+                   int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+
+    def overrides(self, config: Any) -> dict[str, Any]:
+        """``hf_overrides`` that make vLLM build the padded model."""
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        rope["rope_theta"] = theta ** (self.target / self.source)
+        rope.setdefault("rope_type", "default")
+        return {"head_dim": self.target, "rope_parameters": rope, PADDING_KEY: self.source}
+
+    def _rows(self, w: torch.Tensor, heads: int, scale: float = 1.0) -> torch.Tensor:
+        out = w.new_zeros(heads, self.target, w.shape[1])
+        out[:, self.index] = w.view(heads, self.source, w.shape[1]) * scale
+        return out.view(heads * self.target, w.shape[1])
+
+    def convert(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint-shaped tensors -> the padded model's tensors (others unchanged)."""
+        out: dict[str, torch.Tensor] = {}
+        scale = (self.target / self.source) ** 0.5
+        for name, w in state.items():
+            if name.endswith("self_attn.q_proj.weight"):
+                out[name] = self._rows(w, self.n_heads, scale)
+            elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+                out[name] = self._rows(w, self.n_kv_heads)
+            elif name.endswith("self_attn.o_proj.weight"):
+                cols = w.new_zeros(w.shape[0], self.n_heads, self.target)
+                cols[:, :, self.index] = w.view(w.shape[0], self.n_heads, self.source)
+                out[name] = cols.view(w.shape[0], self.n_heads * self.target)
+            else:
+                out[name] = w
+        return out
 
 
 def engine(
@@ -101,7 +191,38 @@ def engine(
     if max_model_len is not None:
         options["max_model_len"] = max_model_len
     options.update(kwargs)
-    return LLM(model=str(path), tokenizer=str(path), **options)
+    padding = _cpu_head_padding(path)
+    if padding is None:
+        return LLM(model=str(path), tokenizer=str(path), **options)
+    # padded shapes differ from the checkpoint: start from dummy weights, then push the
+    # checkpoint through the converting weight swap
+    from transformers import AutoConfig
+
+    options["hf_overrides"] = {**options.get("hf_overrides", {}), **padding.overrides(AutoConfig.from_pretrained(path))}
+    llm = LLM(model=str(path), tokenizer=str(path), load_format="dummy", **options)
+    load_state_dict(llm, _checkpoint_state(path))
+    return llm
+
+
+def _cpu_head_padding(path: Path) -> HeadPadding | None:
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    return HeadPadding.needed(AutoConfig.from_pretrained(path), CPU_HEAD_MULTIPLE)
+
+
+def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"vllm: {path} has no .safetensors files to load the padded model from")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
 
 
 def shutdown(llm: LLM) -> None:

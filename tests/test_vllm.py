@@ -143,3 +143,40 @@ def test_search_with_vllm_fitness_matches_transformers(tmp_path):
             torch.testing.assert_close(vllm_run.evaluator.model.state_dict()[name], p, rtol=0, atol=0, msg=name)
     finally:
         vllm_run.evaluator.engine.close()
+
+
+def test_head_size_padding_is_exact(tmp_path):
+    """A head size vLLM's CPU kernels lack (24, as in the tiny zoo) runs as a padded model
+    (see HeadPadding) that generates and scores exactly like the checkpoint."""
+    from evomerge.vllm_backend import VLLMScorer
+
+    a = save_micro_model(tmp_path / "a", seed=21, hidden_size=96)  # 4 heads of 24
+    b = save_micro_model(tmp_path / "b", seed=22, hidden_size=96)
+    samples = encode_pairs(micro_tokenizer(), PAIRS)
+    scorer = VLLMScorer(a)
+    try:
+        gen = make_generator("vllm", scorer.llm, micro_tokenizer())
+        for folder in (a, b):
+            model = load_model(str(folder))
+            if folder == b:
+                scorer.load_state_dict(model.state_dict())
+            assert gen.chat(CHATS, GREEDY) == _reference(folder).chat(CHATS, GREEDY), folder.name
+            torch.testing.assert_close(scorer.score(samples)[0], answer_cross_entropy(model, samples)[0],
+                                       rtol=0, atol=CE_ATOL)
+    finally:
+        scorer.close()
+
+
+def test_unpaddable_head_size_is_refused_by_name():
+    from transformers import LlamaConfig
+
+    from evomerge.errors import ConfigError
+    from evomerge.vllm_backend import HeadPadding
+
+    assert HeadPadding.needed(LlamaConfig(hidden_size=128, num_attention_heads=4), 16) is None
+    pad = HeadPadding.needed(LlamaConfig(hidden_size=96, num_attention_heads=4), 16)
+    assert (pad.source, pad.target) == (24, 32)
+    odd = LlamaConfig(hidden_size=96, num_attention_heads=4, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                               "rope_theta": 10000.0})
+    with pytest.raises(ConfigError, match=r"head size 24 is not a multiple of 16.*rope_parameters"):
+        HeadPadding.needed(odd, 16)
