@@ -169,6 +169,7 @@ def engine(
     dtype: str = "float32",
     seed: int = 0,
     max_model_len: int | None = None,
+    load_options: Any = None,
     **kwargs: Any,
 ) -> LLM:
     """A vLLM engine with the weight-swap extension and settings that suit scoring.
@@ -177,9 +178,11 @@ def engine(
     matters more than decode speed for short answers), no prefix caching (weights change
     under the cache), and, on CPU, a 1 GiB KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` is set.
     """
-    path = Path(model)
+    from evomerge.pool import resolve_model_dir
+
+    path = resolve_model_dir(str(model), load_options)  # hub ids (org/name@rev) become a local snapshot
     if not (path / "config.json").exists():
-        raise ConfigError(f"vllm engine: {model} is not a model folder (no config.json)")
+        raise ConfigError(f"vllm engine: {model} is not a model folder (no config.json in {path})")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     options: dict[str, Any] = {
         "dtype": dtype,
@@ -266,16 +269,30 @@ class VLLMGenerator:
 
     name = "vllm"
 
-    def __init__(self, model: Any, tokenizer: Any = None, dtype: str = "float32", **engine_kwargs: Any) -> None:
-        from evomerge.pool import load_tokenizer
+    def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,
+                 load_options: Any = None, **engine_kwargs: Any) -> None:
+        """Same arguments as the transformers backend, plus vLLM engine arguments.
 
+        ``device`` is checked, not chosen: vLLM runs on the device its build targets, so a
+        request for another one is refused rather than silently ignored.
+        """
+        from evomerge.pool import LoadOptions, load_tokenizer
+        from vllm.platforms import current_platform
+
+        if device is not None and torch.device(device).type != current_platform.device_type:
+            raise ConfigError(f"vllm generator: device '{device}' requested, but this vLLM build runs on "
+                              f"'{current_platform.device_type}'")
+        options = load_options or LoadOptions(**({"dtype": dtype} if dtype else {}))
         if isinstance(model, LLM):
             self.llm = model
             if tokenizer is None:
                 raise ConfigError("vllm generator: a running engine needs the model's HF tokenizer")
+        elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            self.llm = engine(model, dtype=dtype or options.dtype, load_options=options, **engine_kwargs)
+            tokenizer = tokenizer or load_tokenizer(str(model), options)
         else:
-            self.llm = engine(model, dtype=dtype, **engine_kwargs)
-            tokenizer = tokenizer or load_tokenizer(str(model))
+            raise ConfigError(f"vllm generator: needs a model folder or a running vllm.LLM, got {type(model).__name__} "
+                              "(a loaded transformers model can only use the transformers backend)")
         self.tokenizer = tokenizer
 
     def close(self) -> None:
@@ -334,8 +351,8 @@ class VLLMScorer:
     """
 
     def __init__(self, model: str | os.PathLike[str], dtype: str = "float32", seed: int = 0,
-                 **engine_kwargs: Any) -> None:
-        self.llm = engine(model, dtype=dtype, seed=seed, **engine_kwargs)
+                 load_options: Any = None, **engine_kwargs: Any) -> None:
+        self.llm = engine(model, dtype=dtype, seed=seed, load_options=load_options, **engine_kwargs)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         load_state_dict(self.llm, state)

@@ -180,3 +180,16 @@ def test_unpaddable_head_size_is_refused_by_name():
                                                                                "rope_theta": 10000.0})
     with pytest.raises(ConfigError, match=r"head size 24 is not a multiple of 16.*rope_parameters"):
         HeadPadding.needed(odd, 16)
+
+
+def test_generator_refuses_what_it_cannot_run(models):
+    from vllm.platforms import current_platform
+
+    from evomerge.errors import ConfigError
+    from evomerge.testing import micro_llama
+
+    other = "cpu" if current_platform.device_type != "cpu" else "cuda"
+    with pytest.raises(ConfigError, match=f"device '{other}' requested, but this vLLM build runs on"):
+        make_generator("vllm", str(models["a"]), device=other)
+    with pytest.raises(ConfigError, match="needs a model folder or a running vllm.LLM, got LlamaForCausalLM"):
+        make_generator("vllm", micro_llama(), micro_tokenizer())

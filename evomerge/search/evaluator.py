@@ -95,7 +95,7 @@ class CandidateEvaluator:
         self.engine: Any = None  # the vLLM scorer, when fitness.backend is vllm
         self.state: dict[str, torch.Tensor] | None = None  # the candidate pushed into the engine
         if fit.backend == "vllm":
-            self.engine = _vllm_scorer(base, fit.dtype, recipe.seed, fit.engine_options)
+            self.engine = _vllm_scorer(base, fit.dtype, recipe.seed, fit.engine_options, load_options)
         else:
             self._model = self._load_live_model()
         self.sets = load_sets(recipe)
@@ -181,12 +181,12 @@ class CandidateEvaluator:
         return Scored(fitness, terms, t1 - t0, t2 - t1)
 
 
-def _vllm_scorer(base: str, dtype: str, seed: int, options: dict[str, Any]) -> Any:
+def _vllm_scorer(base: str, dtype: str, seed: int, options: dict[str, Any], load_options: LoadOptions | None) -> Any:
     try:
         from evomerge.vllm_backend import VLLMScorer
     except ImportError as exc:
         raise ConfigError(f"fitness.backend: vllm needs vllm installed ({exc})") from None
-    return VLLMScorer(base, dtype=dtype, seed=seed, **options)
+    return VLLMScorer(base, dtype=dtype, seed=seed, load_options=load_options, **options)
 
 
 def _load_config(base: str) -> Any:
