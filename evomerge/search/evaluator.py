@@ -3,6 +3,11 @@
 Everything that does not depend on the genome is done once in the constructor: the merge
 cache (``prepare``), the live model the candidates are written into, the tokenised data.
 A candidate then costs one ``build`` plus one scoring pass.
+
+With ``fitness.backend: vllm`` the live model is a vLLM engine instead: each candidate is
+built into one reusable state dict and swapped into the running engine in place, and every
+set is scored from prompt logprobs (``evomerge.vllm_backend``). A transformers copy of the
+model is loaded only if something asks for ``.model`` (the held-out check after a search).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import torch
 
+from evomerge.errors import ConfigError
 from evomerge.merge import Genome, build, prepare
 from evomerge.pool import LoadOptions, Pool, load_model, load_tokenizer
 from evomerge.search.data import QASet, load_qa_set, resolve_path
@@ -84,23 +90,69 @@ class CandidateEvaluator:
         started = time.perf_counter()
         opts = recipe.merge.options if options is None else options
         self.cache = prepare(self.pool, self.method, opts, device=fit.device, fused=recipe.merge.fused)
-        self.model = load_model(base, load_options).to(device=fit.device, dtype=getattr(torch, fit.dtype))
+        self._base, self._load_options = base, load_options
+        self._model: Any = None
+        self.engine: Any = None  # the vLLM scorer, when fitness.backend is vllm
+        self.state: dict[str, torch.Tensor] | None = None  # the candidate pushed into the engine
+        if fit.backend == "vllm":
+            self.engine = _vllm_scorer(base, fit.dtype, recipe.seed, fit.engine_options, load_options)
+        else:
+            self._model = self._load_live_model()
         self.sets = load_sets(recipe)
         self.encoded = {
             key: encode_pairs(self.tokenizer, s.pairs, fit.max_length, name=key) for key, s in self.sets.items()
         }
-        self.plans = {key: ScoringPlan(samples, fit.batch_size, fit.max_batch_tokens, fit.device)
-                      for key, samples in self.encoded.items()}
+        self.plans = ({} if self.engine is not None else
+                      {key: ScoringPlan(samples, fit.batch_size, fit.max_batch_tokens, fit.device)
+                       for key, samples in self.encoded.items()})
         self.prepare_s = time.perf_counter() - started
-        self.num_layers = int(getattr(self.model.config, "num_hidden_layers", 1))
+        config = self._model.config if self._model is not None else _load_config(base)
+        self.num_layers = int(getattr(config, "num_hidden_layers", 1))
         log.info("prepared %s over %d experts in %.1fs; sets: %s", self.method, len(experts), self.prepare_s,
                  {k: len(v) for k, v in self.encoded.items()})
 
+    def _load_live_model(self) -> Any:
+        fit = self.recipe.fitness
+        return load_model(self._base, self._load_options).to(device=fit.device, dtype=getattr(torch, fit.dtype))
+
+    @property
+    def model(self) -> Any:
+        """The live transformers model holding the last built candidate (loaded on first
+        use with the vLLM backend, which does not need it to score)."""
+        if self._model is None:
+            self._model = self._load_live_model()
+            if self.state is not None:
+                self._model.load_state_dict(self.state, strict=False)
+        return self._model
+
     def build(self, genome: Genome) -> None:
-        build(self.cache, genome, out=self.model)
+        if self.engine is None:
+            build(self.cache, genome, out=self._model)
+            return
+        if self.state is None:  # allocated once, rewritten in place for every candidate
+            self.state = build(self.cache, genome, dtype=getattr(torch, self.recipe.fitness.dtype))
+        else:
+            build(self.cache, genome, out=self.state)
+        self.engine.load_state_dict(self.state)
+        if self._model is not None:
+            self._model.load_state_dict(self.state, strict=False)
 
     def score(self) -> dict[str, SetScore]:
+        if self.engine is not None:
+            return self._score_vllm()
         return {key: SetScore.from_per_sample(*plan.run(self.model)) for key, plan in self.plans.items()}
+
+    def _score_vllm(self) -> dict[str, SetScore]:
+        """Every set in one engine call (vLLM schedules them together), then split back."""
+        keys = list(self.encoded)
+        ce, counts = self.engine.score([s for k in keys for s in self.encoded[k]])
+        out: dict[str, SetScore] = {}
+        start = 0
+        for key in keys:
+            n = len(self.encoded[key])
+            out[key] = SetScore.from_per_sample(ce[start : start + n], counts[start : start + n])
+            start += n
+        return out
 
     def evaluate(self, genome: Genome, lam: float | None = None) -> Scored:
         """Build ``genome`` into the live model and return its fitness terms.
@@ -127,3 +179,17 @@ class CandidateEvaluator:
         if not math.isfinite(fitness):
             log.warning("candidate has a non-finite loss (%s); fitness set to +inf", terms)
         return Scored(fitness, terms, t1 - t0, t2 - t1)
+
+
+def _vllm_scorer(base: str, dtype: str, seed: int, options: dict[str, Any], load_options: LoadOptions | None) -> Any:
+    try:
+        from evomerge.vllm_backend import VLLMScorer
+    except ImportError as exc:
+        raise ConfigError(f"fitness.backend: vllm needs vllm installed ({exc})") from None
+    return VLLMScorer(base, dtype=dtype, seed=seed, load_options=load_options, **options)
+
+
+def _load_config(base: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base)

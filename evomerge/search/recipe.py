@@ -82,6 +82,9 @@ class FitnessSpec(_Strict):
     max_length: int = Field(2048, gt=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    # who scores: a live transformers model, or a vLLM engine the candidates are swapped into
+    backend: Literal["transformers", "vllm"] = "transformers"
+    engine_options: dict[str, Any] = {}  # extra vLLM engine arguments (gpu_memory_utilization, ...)
 
 
 class Bounds(_Strict):
