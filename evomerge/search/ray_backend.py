@@ -19,6 +19,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.merge import Genome
+from evomerge.search.backends import OnResult
 from evomerge.search.evaluator import CandidateEvaluator, Scored
 from evomerge.search.recipe import SearchRecipe
 
@@ -82,8 +83,7 @@ class RayBackend:
         if not ray.is_initialized():
             # a local cluster is sized to the actors; an existing cluster brings its own resources
             cpus = spec.n * spec.num_cpus_per_worker if spec.address is None else None
-            ray.init(address=spec.address, num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                     logging_level=logging.WARNING)
+            ray.init(address=spec.address, num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
             self._started_ray = True
         pythonpath = os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p)
         actor = ray.remote(_Worker).options(
@@ -108,7 +108,7 @@ class RayBackend:
         except ray.exceptions.RayError as exc:
             raise _unwrap(exc, what) from exc
 
-    def evaluate_many(self, genomes: Sequence[Genome], on_result=None) -> list[Scored]:
+    def evaluate_many(self, genomes: Sequence[Genome], on_result: OnResult | None = None) -> list[Scored]:
         """Each free actor takes the next genome; results land at their genome's position."""
         out: list[Scored | None] = [None] * len(genomes)
         queue = deque(enumerate(genomes))
