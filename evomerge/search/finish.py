@@ -28,7 +28,7 @@ def timing_summary(result) -> dict[str, float]:
     return {"search_wall_s": wall, "build_s": build_s, "score_s": score_s,
             "outside_build_and_score_s": max(0.0, wall - build_s - score_s),
             "outside_share": max(0.0, wall - build_s - score_s) / wall if wall > 0 else 0.0,
-            "prepare_s": result.evaluator.prepare_s, "candidates": len(rows),
+            "prepare_s": result.prepare_s, "candidates": len(rows),
             "s_per_candidate": (build_s + score_s) / max(1, len(rows))}
 
 

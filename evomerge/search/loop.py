@@ -21,6 +21,7 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.io_utils import atomic_write_text
 from evomerge.merge import Genome
+from evomerge.search.backends import EvaluationBackend, make_backend
 from evomerge.search.evaluator import CandidateEvaluator, Scored
 from evomerge.search.proposers import make_proposer
 from evomerge.search.recipe import SearchRecipe
@@ -37,9 +38,15 @@ class SearchResult:
     best_genome: Genome
     best: dict[str, Any]  # the best candidate's row
     state: SearchState
-    evaluator: CandidateEvaluator
+    backend: EvaluationBackend
     space: GenomeSpace
+    prepare_s: float  # time spent preparing the merge cache before the search
     heldout: Any = None  # pandas DataFrame of the held-out check, when the recipe asks for one
+
+    @property
+    def evaluator(self) -> CandidateEvaluator:
+        """An evaluator in this process (built on first use with a parallel backend)."""
+        return self.backend.driver_evaluator()
 
 
 def _method_for(recipe: SearchRecipe) -> tuple[str, dict[str, Any] | None]:
@@ -119,20 +126,24 @@ def run_search(
     state = run.open(recipe, resume, force)
 
     method, options = _method_for(recipe)
-    evaluator = CandidateEvaluator(recipe, method, options)
-    space = _space_for(recipe, method, evaluator.num_layers)
-    if state is None:
-        state = SearchState(mode=recipe.search.mode, proposer=make_proposer(space, recipe))
-    else:
-        log.info("resuming %s after generation %d (%d candidates)", run.path, state.generation, len(state.candidates))
-    state.finished = False
-    proposer = state.proposer
-    _loop(recipe, run, state, proposer, evaluator, space, progress)
+    backend = make_backend(recipe, method, options)
+    try:
+        space = _space_for(recipe, method, backend.num_layers)
+        if state is None:
+            state = SearchState(mode=recipe.search.mode, proposer=make_proposer(space, recipe))
+        else:
+            log.info("resuming %s after generation %d (%d candidates)", run.path, state.generation,
+                     len(state.candidates))
+        state.finished = False
+        proposer = state.proposer
+        _loop(recipe, run, state, proposer, backend, space, progress)
+    finally:
+        backend.close()  # workers' caches and models are freed before the finish steps
 
     best_i = proposer.best_index(state.candidates)
     best = state.candidates[best_i]
     best_genome = Genome.from_values(**_genome_fields(best), expert_names=list(space.expert_names))
-    result = SearchResult(run.path, best_genome, best, state, evaluator, space)
+    result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s)
     atomic_write_text(run / "best_genome.yaml", yaml.safe_dump(
         {"genome": best_genome.to_dict(list(space.expert_names)), "method": method,
          "candidate": best["index"], "fitness": best["fitness"]}, sort_keys=False))
@@ -148,7 +159,7 @@ def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
     return {"weights": data["weights"], "densities": data.get("densities"), "scale": data.get("scale", 1.0)}
 
 
-def _loop(recipe, run: RunDir, state: SearchState, proposer, evaluator: CandidateEvaluator, space: GenomeSpace,
+def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: EvaluationBackend, space: GenomeSpace,
           show_progress: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -169,15 +180,14 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, evaluator: Candidat
             if not genomes:
                 state.stop_reason = proposer.internal_stop() or "proposer has nothing left"
                 break
-            scored, values, rows = [], [], []
-            for pos, genome in enumerate(genomes):
-                s = evaluator.evaluate(genome)
+            # the whole generation at once, so a parallel backend can spread it
+            scored = backend.evaluate_many(genomes, on_result=lambda _pos: bar.advance(task))
+            values, rows = [], []
+            for pos, (genome, s) in enumerate(zip(genomes, scored)):
                 value = _fitness_for(recipe, s)
-                scored.append(s)
                 values.append(value)
                 role = proposer.role_of(pos) if hasattr(proposer, "role_of") else proposer.role
                 rows.append(_row(len(state.candidates) + pos, state.generation, space, genome, s, value, role))
-                bar.advance(task)
             proposer.tell(genomes, scored, values)
             state.candidates.extend(rows)
             state.generation += 1

@@ -6,7 +6,7 @@
     merge: {method: ties, options: {}}
     data: {safety: zoo:data/safety.jsonl, domain: {math: data/math.jsonl}, benign: null}
     fitness: {lambda: 0.5, mu: 0.0, n_samples: 100}
-    search: {mode: cmaes, steps: 20, layer_granularity: 0}
+    search: {mode: cmaes, steps: 20, layer_granularity: 0, workers: {backend: serial}}
 
 Every field can be overridden from the command line by its dotted name
 (``search.steps=3 fitness.lambda=0.5``); values are parsed as YAML scalars or lists.
@@ -112,6 +112,20 @@ class CocktailSpec(_Strict):
     use_safety: bool = True
 
 
+EvalBackendName = Literal["serial", "ray"]
+
+
+class WorkersSpec(_Strict):
+    """Who evaluates a generation: this process (``serial``) or ``n`` Ray actors, each
+    holding its own merge cache and live model (``ray``, the optional extra)."""
+
+    backend: EvalBackendName = "serial"
+    n: int = Field(2, ge=1)  # actors (ray only)
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://host:port": join one
+    num_cpus_per_worker: int = Field(1, ge=1)  # also each actor's torch thread count
+    num_gpus_per_worker: float = Field(0.0, ge=0.0)  # 1: one GPU per actor (set fitness.device: cuda)
+
+
 class SearchSpec(_Strict):
     mode: SearchMode = "cmaes"
     steps: int | None = Field(20, gt=0)  # generations
@@ -124,6 +138,7 @@ class SearchSpec(_Strict):
     bounds: Bounds = Bounds()
     grid: GridSpec = GridSpec()
     cocktail: CocktailSpec = CocktailSpec()
+    workers: WorkersSpec = WorkersSpec()
 
     @model_validator(mode="after")
     def _stop_rule(self) -> SearchSpec:

@@ -33,8 +33,9 @@ from evomerge.search.recipe import SearchRecipe, recipe_from_dict
 
 CHECKPOINT = "checkpoint.pkl"
 CHECKPOINT_VERSION = 1
-# fields that may change when a run is resumed: how long it runs and what happens after
-RESUMABLE_CHANGES = ("search.steps", "search.max_evals", "write_model", "evaluate")
+# fields that may change when a run is resumed: how long it runs, what happens after, and
+# who evaluates (every backend gives the same results)
+RESUMABLE_CHANGES = ("search.steps", "search.max_evals", "search.workers", "write_model", "evaluate")
 
 
 class RunExistsError(ConfigError):
@@ -125,7 +126,7 @@ class RunDir:
             if diffs:
                 raise ConfigError(
                     f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(diffs)}; "
-                    "only search.steps, search.max_evals, write_model and evaluate.* may change"
+                    "only search.steps, search.max_evals, search.workers.*, write_model and evaluate.* may change"
                 )
         atomic_write_text(self / "recipe.yaml", recipe.to_yaml())
         return self.load_checkpoint() if resume else None
