@@ -19,6 +19,7 @@ from typing import Any
 
 from datagen.recipe import DatagenRecipe, SafetySpec
 from datagen.sources import load_prompts
+from evomerge.errors import ConfigError
 from evomerge.generation import GenerationParams, make_generator
 from evomerge.judges import Judgement, make_judge
 from evomerge.refusal import is_refusal
@@ -115,10 +116,8 @@ def build_safety_data(recipe: DatagenRecipe) -> tuple[list[dict[str, Any]], list
     category), ``prompt_source``."""
     spec = recipe.safety
     if spec is None:
-        raise ValueError("the recipe has no 'safety' section")
+        raise ConfigError("the recipe has no 'safety' section")
     if not recipe.pool:
-        from evomerge.errors import ConfigError
-
         raise ConfigError("pool: no models to answer the unsafe prompts")
     if spec.source is not None:
         raw = [{**r, "prompt_source": spec.source.package or spec.source.path} for r in load_prompts(spec.source, recipe.seed)]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.search.data import resolve_path
+from evomerge.search.data import resolve_path, saved_dataset_rows
 
 PACKAGED = {
     "uncensorbench": ("uncensorbench", "data/prompts.json", "pip install uncensorbench==0.3.7"),
@@ -63,21 +63,15 @@ def file_rows(source: str) -> list[dict[str, Any]]:
 
     datasets.disable_progress_bars()
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if hasattr(ds, "keys"):
-            splits = list(ds.keys())
-            if len(splits) != 1:
-                raise ConfigError(f"{path}: a dataset with splits {splits}; point at one split's folder")
-            ds = ds[splits[0]]
-    else:
-        kind = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}.get(
-            path.suffix.lower())
-        if kind is None:
-            raise ConfigError(f"{path}: unsupported file type '{path.suffix}' (.jsonl, .json, .parquet, .csv)")
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
-            raise ConfigError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        return saved_dataset_rows(path)
+    kind = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}.get(
+        path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"{path}: unsupported file type '{path.suffix}' (.jsonl, .json, .parquet, .csv)")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
+        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     return [dict(r) for r in ds]
 
 

@@ -74,6 +74,21 @@ def make_generator(backend: str, model: Any, tokenizer: Any = None, **kwargs: An
     return GENERATORS[backend](model, tokenizer, **kwargs)
 
 
+def loaded_model(model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,
+                 load_options: Any = None, who: str = "generator") -> tuple[Any, Any]:
+    """(model, tokenizer) from a reference (folder, hub id; loaded with the pool's policy)
+    or from an already loaded model, which then needs its tokenizer; moved to ``device``."""
+    from evomerge.pool import LoadOptions, load_model, load_tokenizer
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        options = load_options or LoadOptions(**({"dtype": dtype} if dtype else {}))
+        tokenizer = tokenizer or load_tokenizer(str(model), options)
+        model = load_model(str(model), options)
+    if tokenizer is None:
+        raise ConfigError(f"{who}: a loaded model needs its tokenizer")
+    return (model.to(device) if device else model), tokenizer
+
+
 def render_chats(tokenizer: Any, chats: Sequence[Chat]) -> list[str]:
     """Each chat rendered by the model's own template, ready for the assistant's turn."""
     return [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in chats]
@@ -90,16 +105,7 @@ class TransformersGenerator:
 
     def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,
                  load_options: Any = None) -> None:
-        from evomerge.pool import LoadOptions, load_model, load_tokenizer
-
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            options = load_options or LoadOptions(**({"dtype": dtype} if dtype else {}))
-            tokenizer = tokenizer or load_tokenizer(str(model), options)
-            model = load_model(str(model), options)
-        if tokenizer is None:
-            raise ConfigError("a loaded model needs its tokenizer")
-        self.model = model.to(device) if device else model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = loaded_model(model, tokenizer, device, dtype, load_options, "transformers")
         self.device = next(self.model.parameters()).device
 
     def chat(self, chats: Sequence[Chat], params: GenerationParams) -> list[str]:

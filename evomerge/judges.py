@@ -91,18 +91,12 @@ class LlamaGuardJudge:
     def __init__(self, model: Any, tokenizer: Any = None, threshold: float | None = None,
                  suffix: str | None = None, batch_size: int = 32, max_new_tokens: int = 12,
                  device: str | None = None, dtype: str | None = None, load_options: Any = None) -> None:
-        from evomerge.pool import LoadOptions, load_model, load_tokenizer
+        from evomerge.generation import loaded_model
 
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            options = load_options or LoadOptions(**({"dtype": dtype} if dtype else {}))
-            tokenizer = tokenizer or load_tokenizer(str(model), options)
-            model = load_model(str(model), options)
-        if tokenizer is None:
-            raise ConfigError("llama_guard: a loaded guard model needs its tokenizer")
+        model, tokenizer = loaded_model(model, tokenizer, device, dtype, load_options, "llama_guard")
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("llama_guard: the guard's tokenizer has no chat template")
-        self.model = model.to(device) if device else model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.threshold = threshold
         self.suffix = suffix
         self.batch_size = batch_size

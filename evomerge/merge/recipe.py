@@ -78,18 +78,28 @@ class MergeRecipe(BaseModel):
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> MergeRecipe:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        except ValidationError as exc:
-            parts = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
-            raise ConfigError(f"{source}: " + "; ".join(parts)) from None
+        return validate_mapping(cls, data, source)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+
+def validate_mapping(model: type[BaseModel], data: Any, source: str) -> Any:
+    """``model.model_validate(data)``; every error names the field by its dotted path and
+    the source (file) it came from, as one :class:`ConfigError`. Shared by every recipe type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top)"
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" + (" (unknown field)" if e["type"] == "extra_forbidden" else ""))
+        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
 
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:
@@ -108,8 +118,4 @@ def load_genome(path: str | os.PathLike[str]) -> GenomeSpec:
     data = load_yaml(path)
     if isinstance(data, dict) and "genome" in data:
         data = data["genome"]
-    try:
-        return GenomeSpec.model_validate(data)
-    except ValidationError as exc:
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(parts)) from None
+    return validate_mapping(GenomeSpec, data, str(path))

@@ -66,19 +66,24 @@ class QASet:
         return QASet(self.name, self.source, tuple(self.rows[i] for i in picked), self.prompt_field, self.answer_field)
 
 
+def saved_dataset_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``datasets.save_to_disk`` folder: a Dataset, or a DatasetDict with one split."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or refuse to guess
+        splits = list(ds.keys())
+        if len(splits) != 1:
+            raise ConfigError(f"{path}: a dataset with splits {splits}; point at one split's folder")
+        ds = ds[splits[0]]
+    return [dict(r) for r in ds]
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     import pandas as pd
 
     if path.is_dir():
-        from datasets import load_from_disk
-
-        ds = load_from_disk(str(path))
-        if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or refuse to guess
-            splits = list(ds.keys())
-            if len(splits) != 1:
-                raise ConfigError(f"{path}: a dataset with splits {splits}; point at one split's folder")
-            ds = ds[splits[0]]
-        return [dict(r) for r in ds]
+        return saved_dataset_rows(path)
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):

@@ -39,10 +39,6 @@ class Scored:
     build_s: float
     score_s: float
 
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.fitness)
-
 
 def combine(lam: float, mu: float, ce_domain: float | None, ce_safety: float | None, ce_benign: float | None) -> float:
     """lambda * CE_domain + (1 - lambda) * CE_safety + mu * CE_benign; absent terms with a zero
@@ -154,7 +150,7 @@ class CandidateEvaluator:
             start += n
         return out
 
-    def evaluate(self, genome: Genome, lam: float | None = None) -> Scored:
+    def evaluate(self, genome: Genome) -> Scored:
         """Build ``genome`` into the live model and return its fitness terms.
 
         A non-finite loss gives fitness +inf (logged; the search goes on).
@@ -173,8 +169,7 @@ class CandidateEvaluator:
         terms["ce_safety"] = scores["safety"].mean_ce if "safety" in scores else math.nan
         terms["ce_benign"] = scores["benign"].mean_ce if "benign" in scores else math.nan
         terms["n_nonfinite"] = float(sum(s.n_nonfinite for s in scores.values()))
-        lam = self.recipe.fitness.lambda_ if lam is None else lam
-        fitness = combine(lam, self.recipe.fitness.mu, *(None if math.isnan(terms[k]) else terms[k]
+        fitness = combine(self.recipe.fitness.lambda_, self.recipe.fitness.mu, *(None if math.isnan(terms[k]) else terms[k]
                                                          for k in ("ce_domain", "ce_safety", "ce_benign")))
         if not math.isfinite(fitness):
             log.warning("candidate has a non-finite loss (%s); fitness set to +inf", terms)

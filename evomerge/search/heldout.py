@@ -8,7 +8,6 @@ the search never saw.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from evomerge.refusal import is_refusal
@@ -51,7 +50,3 @@ def check_model(model, tokenizer, sets: dict[str, QASet], max_new_tokens: int = 
             hits = sum(answer_is_correct(domain, r, row) for r, row in zip(replies, qa.rows))
             out[f"acc_{domain}"] = 100.0 * hits / len(replies)
     return out
-
-
-def sizes(sets: dict[str, QASet]) -> Sequence[str]:
-    return [f"{k} n={len(v)}" for k, v in sets.items()]

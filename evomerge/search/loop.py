@@ -56,16 +56,6 @@ def _method_for(recipe: SearchRecipe) -> tuple[str, dict[str, Any] | None]:
     return recipe.merge.method, None
 
 
-def _space_for(recipe: SearchRecipe, method: str, num_layers: int) -> GenomeSpace:
-    from evomerge.search.recipe import DENSITY_METHODS
-
-    space = GenomeSpace.from_recipe(recipe, num_layers)
-    if space.uses_density != (method in DENSITY_METHODS):
-        space = GenomeSpace(space.expert_names, space.n_groups, method in DENSITY_METHODS,
-                            space.weight_bounds, space.density_bounds)
-    return space
-
-
 def _fitness_for(recipe: SearchRecipe, scored: Scored) -> float:
     """The value the proposer minimises: domain CE only for the safety-unaware baseline."""
     if recipe.search.mode == "evomm-domain":
@@ -128,7 +118,7 @@ def run_search(
     method, options = _method_for(recipe)
     backend = make_backend(recipe, method, options)
     try:
-        space = _space_for(recipe, method, backend.num_layers)
+        space = GenomeSpace.from_recipe(recipe, backend.num_layers, method)
         if state is None:
             state = SearchState(mode=recipe.search.mode, proposer=make_proposer(space, recipe))
         else:

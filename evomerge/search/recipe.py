@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_method, parse_options
-from evomerge.merge.recipe import load_yaml
+from evomerge.merge.recipe import load_yaml, validate_mapping
 
 SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
@@ -181,10 +181,6 @@ class SearchRecipe(_Strict):
             raise ValueError("data.benign: no benign set, but fitness.mu > 0 needs one")
         return self
 
-    @property
-    def uses_density(self) -> bool:
-        return self.merge.method in DENSITY_METHODS
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(by_alias=True, mode="json"), sort_keys=False)
 
@@ -217,24 +213,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = _parse_value(value)
     return out
-
-
-def validate_mapping(model: type[BaseModel], data: Any, source: str) -> Any:
-    """``model.model_validate(data)``; every error names the field by its dotted path and
-    the source (file) it came from, as one :class:`ConfigError`."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except ValidationError as exc:
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(top)"
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" + (" (unknown field)" if e["type"] == "extra_forbidden" else ""))
-        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
 
 
 def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:

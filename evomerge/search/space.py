@@ -13,7 +13,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.merge import Genome
-from evomerge.search.recipe import SearchRecipe
+from evomerge.search.recipe import DENSITY_METHODS, SearchRecipe
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class GenomeSpace:
     density_bounds: tuple[float, float]
 
     @classmethod
-    def from_recipe(cls, recipe: SearchRecipe, num_layers: int) -> GenomeSpace:
+    def from_recipe(cls, recipe: SearchRecipe, num_layers: int, method: str | None = None) -> GenomeSpace:
+        """``method`` overrides the recipe's (LM-Cocktail merges with ``linear``): it decides
+        whether densities are genes."""
         gran = recipe.search.layer_granularity
         if gran == 0:
             groups = 1
@@ -36,7 +38,8 @@ class GenomeSpace:
         else:
             groups = num_layers // gran
         b = recipe.search.bounds
-        return cls(tuple(recipe.pool.experts), groups, recipe.uses_density, tuple(b.weight), tuple(b.density))
+        uses_density = (method or recipe.merge.method) in DENSITY_METHODS
+        return cls(tuple(recipe.pool.experts), groups, uses_density, tuple(b.weight), tuple(b.density))
 
     @property
     def n_experts(self) -> int:
