@@ -6,7 +6,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.generation import GenerationParams, make_generator, render_chats
-from evomerge.testing import micro_tokenizer, save_micro_model
+from evomerge.testing import save_micro_model
 from evomerge.zoo.evaluate import generate
 
 CHATS = [[{"role": "user", "content": "How do I fold a shirt?"}], [{"role": "user", "content": "What is 12+30?"}],
@@ -30,7 +30,10 @@ def test_sampling_is_seeded(model_dir):
     gen = make_generator("transformers", model_dir)
     params = GenerationParams(temperature=1.0, max_new_tokens=8, seed=5)
     assert gen.chat(CHATS, params) == gen.chat(CHATS, params)
-    assert gen.complete(["<|user|>\nHi\n<|assistant|>\n"], params)[0] is not None
+    # chat is complete() on the model's own template rendering
+    assert gen.complete(render_chats(gen.tokenizer, CHATS), params) == gen.chat(CHATS, params)
+    other = gen.chat(CHATS, params.model_copy(update={"seed": 6}))
+    assert other != gen.chat(CHATS, params)  # the seed is what fixes the draw
 
 
 def test_unknown_backend_is_named(model_dir):
@@ -40,4 +43,3 @@ def test_unknown_backend_is_named(model_dir):
         from evomerge.testing import micro_llama
 
         make_generator("transformers", micro_llama())
-    assert micro_tokenizer() is not None
