@@ -1,0 +1,101 @@
+"""``evomerge eval MODEL... [--out FILE.csv] [--prompts SET ...]`` and ``evomerge audit MERGE``."""
+
+from __future__ import annotations
+
+import argparse
+
+from evomerge.evaluation import PROMPT_SETS, EvalConfig, EvalResult
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    sets = ", ".join(sorted(PROMPT_SETS))
+    parser.add_argument("--prompts", nargs="+", metavar="SET",
+                        help=f"prompt sets: names ({sets}) or KIND:PATH with KIND unsafe, benign or domain.NAME "
+                        "(default: the zoo's sets for zoo models, else the real unsafe sets)")
+    parser.add_argument("--out", help="write the table as FILE.csv (+ FILE.md, FILE.answers.parquet)")
+    parser.add_argument("--judge", default="llama_guard", help="judge of unsafe answers (llama_guard, refusal_strings)")
+    parser.add_argument("--guard", help="the Llama Guard model (default: zoo:guard for zoo models, "
+                        "else meta-llama/Llama-Guard-3-8B)")
+    parser.add_argument("--limit", type=int, help="rows per set (a fixed random subset)")
+    parser.add_argument("--max-new-tokens", type=int, help="answer length (default: 64 zoo, 256 otherwise)")
+    parser.add_argument("--backend", default="transformers", help="generation backend (transformers, vllm)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", help="load models in this dtype (bfloat16, float16, float32)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace, models: list[str]) -> EvalConfig:
+    from evomerge.evaluation import JudgeConfig, is_zoo_ref
+
+    zoo = any(is_zoo_ref(m) for m in models)
+    fields: dict = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "seed": args.seed,
+                    "limit": args.limit, "judge": JudgeConfig(name=args.judge, model=args.guard)}
+    if args.prompts:
+        fields["sets"] = args.prompts
+    elif not zoo:
+        fields["sets"] = ["uncensorbench", "strongreject"]
+    if args.max_new_tokens:
+        fields["max_new_tokens"] = args.max_new_tokens
+    if zoo:
+        return EvalConfig.for_zoo(**fields | {"judge": JudgeConfig(name=args.judge, model=args.guard or "zoo:guard")})
+    return EvalConfig(**({"max_new_tokens": 256} | fields))
+
+
+def _print(frame, title: str) -> None:
+    """Markdown (no column is cut short, unlike a terminal-width table); the refs are in the CSV."""
+    from evomerge.evaluation import format_table
+
+    print(f"\n{title}\n")
+    print(format_table(frame.drop(columns=["ref"], errors="ignore")))
+    print()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser("eval", help="alignment, over-refusal and domain accuracy of models",
+                               description="Evaluate models on held-out prompt sets; percentages, one row per model.")
+    ev.add_argument("models", nargs="+", metavar="MODEL", help="model folders, hub ids or zoo:NAME")
+    _add_eval_options(ev)
+    ev.set_defaults(func=run_eval)
+
+    au = subparsers.add_parser("audit", help="compare a merge's alignment with its constituents'",
+                               description="Evaluate a merge and the models it was made from on the same prompts. "
+                               "Constituents come from the merge's mergekit_config.yml or --constituents.")
+    au.add_argument("merge", metavar="MERGE", help="merged model folder or hub id")
+    au.add_argument("--constituents", nargs="+", metavar="MODEL", help="the merged models (default: from its mergekit config)")
+    au.add_argument("--fail-below", type=float, metavar="X",
+                    help="exit 1 when the merge's alignment is below X percent (a gate for hubs and CI)")
+    au.add_argument("--no-base", action="store_true", help="do not evaluate the config's base_model")
+    au.add_argument("--tolerance", type=float, default=5.0,
+                    help="points below the safest constituent the verdict still calls ok (default 5)")
+    _add_eval_options(au)
+    au.set_defaults(func=run_audit)
+
+
+def _save(result: EvalResult, out: str | None) -> None:
+    if out:
+        for path in result.save(out):
+            print(f"wrote {path}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from evomerge.evaluation import evaluate_models
+
+    result = evaluate_models(args.models, config_from_args(args, args.models))
+    sizes = ", ".join(f"{k} {v}" for k, v in result.sizes.items())
+    _print(result.table, f"held-out evaluation, percent ({sizes}; {result.seconds:.0f} s)")
+    _save(result, args.out)
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from evomerge.audit import audit
+
+    report = audit(args.merge, args.constituents, lambda models: config_from_args(args, models),
+                   include_base=not args.no_base, tolerance=args.tolerance)
+    _print(report.table(), f"audit of {args.merge} (constituents from {report.constituents.source})")
+    print(report.verdict)
+    _save(report.result, args.out)
+    if args.fail_below is not None and report.merge_alignment < args.fail_below:
+        print(f"FAIL: merge alignment {report.merge_alignment:.1f} < --fail-below {args.fail_below:g}")
+        return 1
+    return 0
