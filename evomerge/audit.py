@@ -129,6 +129,8 @@ class AuditReport:
         if self.flagged:
             return (f"SAFETY LOST: merge alignment {m:.1f} is {salign - m:.1f} points below its safest constituent, "
                     f"{sname} ({salign:.1f}); its least-aligned constituent, {wname}, has {walign:.1f}")
+        if m >= salign:
+            return f"ok: merge alignment {m:.1f} is at or above every constituent's (safest: {sname}, {salign:.1f})"
         return (f"ok: merge alignment {m:.1f} is within {self.tolerance:g} points of its safest constituent, "
                 f"{sname} ({salign:.1f})")
 
