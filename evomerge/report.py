@@ -107,7 +107,7 @@ class ReportResult:
 def _search_overrides(recipe: ReportRecipe, method: str, row: str) -> list[str]:
     options = yaml.safe_dump(recipe.methods.get(method) or {}, default_flow_style=True).strip()
     return [*recipe.overrides, f"merge.method={method}", f"merge.options={options}", *ROW_OVERRIDES[row],
-            "write_model=false", "evaluate.unsafe=null", "evaluate.benign=null", "evaluate.domain={}"]
+            *NO_HELDOUT_CHECK]
 
 
 def _domains(search_recipe) -> list[str]:
@@ -121,16 +121,18 @@ def _domain_score(row: dict[str, Any], domains: list[str]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluator: Evaluator) -> dict[str, Any]:
-    """One search (reused when finished, resumed when interrupted) and its evaluation."""
-    from evomerge.search import load_search_recipe, run_search
+NO_HELDOUT_CHECK = ["write_model=false", "evaluate.unsafe=null", "evaluate.benign=null", "evaluate.domain={}"]
 
-    label = f"{method}-{row}" if row not in METHOD_FREE_ROWS else row
-    run_dir = folder / "searches" / label
+
+def search_and_evaluate(search, run_dir: Path, evaluator: Evaluator, label: str) -> dict[str, Any]:
+    """One search (reused when finished, resumed exactly when interrupted) and its best
+    merge's evaluation, cached in ``run_dir/evaluation.json``. Reports and ablations are
+    made of these."""
+    from evomerge.search import run_search
+
     done = run_dir / "evaluation.json"
     if done.exists():
         return json.loads(done.read_text())
-    search = load_search_recipe(recipe.search, _search_overrides(recipe, method, row))
     t0 = time.perf_counter()
     # a finished search resumes to its end at once; an interrupted one continues exactly
     resume = (run_dir / "checkpoint.pkl").exists()
@@ -140,11 +142,20 @@ def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluato
     ev.build(result.best_genome)
     measured, _ = evaluator.evaluate(Candidate(label, ev.model, ev.tokenizer))
     result.backend.close()
-    out = {**measured, "method": "-" if row in METHOD_FREE_ROWS else method, "search": row,
-           "fitness": best.get("fitness"), "ce_domain": best.get("ce_domain"), "ce_safety": best.get("ce_safety"),
+    out = {**measured, "fitness": best.get("fitness"), "ce_domain": best.get("ce_domain"),
+           "ce_safety": best.get("ce_safety"), "ce_benign": best.get("ce_benign"),
            "candidates": len(result.state.candidates), "search_s": search_s}
     atomic_write_text(done, json.dumps(out, indent=2, default=float) + "\n")
     return out
+
+
+def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluator: Evaluator) -> dict[str, Any]:
+    from evomerge.search import load_search_recipe
+
+    label = f"{method}-{row}" if row not in METHOD_FREE_ROWS else row
+    search = load_search_recipe(recipe.search, _search_overrides(recipe, method, row))
+    out = search_and_evaluate(search, folder / "searches" / label, evaluator, label)
+    return {**out, "method": "-" if row in METHOD_FREE_ROWS else method, "search": row}
 
 
 def _pool_rows(recipe: ReportRecipe, search_recipe, folder: Path, evaluator: Evaluator) -> list[dict[str, Any]]:
@@ -309,12 +320,15 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
     evaluator = Evaluator(config, guard_default="zoo:guard" if zoo else None)
     domains = _domains(search_recipe)
 
+    from evomerge.search.evaluator import sharing_preparation
+
     rows = _pool_rows(recipe, search_recipe, folder, evaluator)
     plan = [(m, r) for m in recipe.methods for r in recipe.rows if r not in METHOD_FREE_ROWS]
     plan += [(next(iter(recipe.methods)), r) for r in recipe.rows if r in METHOD_FREE_ROWS]
-    for i, (method, row) in enumerate(plan, 1):
-        log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(plan), method, row)
-        rows.append(_run_one(recipe, method, row, folder, evaluator))
+    with sharing_preparation():  # the rows of one method share its merge cache and the tokenised data
+        for i, (method, row) in enumerate(plan, 1):
+            log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(plan), method, row)
+            rows.append(_run_one(recipe, method, row, folder, evaluator))
     table = pd.DataFrame(rows)
     front = ["method", "search", "model", "alignment", "over_refusal"] + [f"acc_{d}" for d in domains]
     table = table[[c for c in front if c in table.columns] + [c for c in table.columns if c not in front]]

@@ -12,9 +12,11 @@ model is loaded only if something asks for ``.model`` (the held-out check after 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,38 @@ def resolved_pool_refs(recipe: SearchRecipe) -> tuple[str, dict[str, str]]:
     return resolve_path(recipe.pool.base), {k: resolve_path(v) for k, v in recipe.pool.experts.items()}
 
 
+_SHARED: dict[Any, Any] | None = None  # set inside ``sharing_preparation()``
+
+
+@contextlib.contextmanager
+def sharing_preparation() -> Iterator[dict[Any, Any]]:
+    """Within this block, searches in this process reuse each other's expensive state:
+    the prepared merge cache and live model (same pool, method, options, device) and the
+    tokenised data (same data, sample count, seed). Ablations and reports run many
+    searches that differ only in lambda, budget or mode; this makes each one start at once.
+
+    Sharing the live model is safe because every build rewrites all merged tensors."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield _SHARED
+    finally:
+        _SHARED = outer
+
+
+def _shared(key: Any, make: Callable[[], Any]) -> Any:
+    if _SHARED is None:
+        return make()
+    if key not in _SHARED:
+        for other in [k for k in _SHARED if k[0] == key[0]]:
+            del _SHARED[other]  # one of each kind at a time: a big model's cache is not kept twice
+        _SHARED[key] = make()
+    else:
+        log.info("reusing prepared state %s", key[0])
+    return _SHARED[key]
+
+
 class CandidateEvaluator:
     """Holds the merge cache, a live model and the encoded data; ``evaluate(genome)``."""
 
@@ -80,12 +114,18 @@ class CandidateEvaluator:
         self.method = method or recipe.merge.method
         fit = recipe.fitness
         base, experts = resolved_pool_refs(recipe)
-        self.pool = Pool.from_refs(base, experts, load_options)
-        self.pool.check_compatibility()
-        self.tokenizer = load_tokenizer(base, load_options)
         started = time.perf_counter()
         opts = recipe.merge.options if options is None else options
-        self.cache = prepare(self.pool, self.method, opts, device=fit.device, fused=recipe.merge.fused)
+        pool_key = ("merge cache", base, tuple(experts.items()), self.method, repr(sorted(opts.items())),
+                    fit.device, recipe.merge.fused, repr(load_options))
+
+        def prepared() -> tuple[Any, Any, Any]:
+            pool = Pool.from_refs(base, experts, load_options)
+            pool.check_compatibility()
+            cache = prepare(pool, self.method, opts, device=fit.device, fused=recipe.merge.fused)
+            return pool, load_tokenizer(base, load_options), cache
+
+        self.pool, self.tokenizer, self.cache = _shared(pool_key, prepared)
         self._base, self._load_options = base, load_options
         self._model: Any = None
         self.engine: Any = None  # the vLLM scorer, when fitness.backend is vllm
@@ -93,11 +133,10 @@ class CandidateEvaluator:
         if fit.backend == "vllm":
             self.engine = _vllm_scorer(base, fit.dtype, recipe.seed, fit.engine_options, load_options)
         else:
-            self._model = self._load_live_model()
-        self.sets = load_sets(recipe)
-        self.encoded = {
-            key: encode_pairs(self.tokenizer, s.pairs, fit.max_length, name=key) for key, s in self.sets.items()
-        }
+            self._model = _shared(("live model", base, fit.device, fit.dtype, repr(load_options)),
+                                  self._load_live_model)
+        data_key = ("encoded data", base, recipe.data.model_dump_json(), fit.n_samples, recipe.seed, fit.max_length)
+        self.sets, self.encoded = _shared(data_key, lambda: self._encode(recipe))
         self.plans = ({} if self.engine is not None else
                       {key: ScoringPlan(samples, fit.batch_size, fit.max_batch_tokens, fit.device)
                        for key, samples in self.encoded.items()})
@@ -106,6 +145,12 @@ class CandidateEvaluator:
         self.num_layers = int(getattr(config, "num_hidden_layers", 1))
         log.info("prepared %s over %d experts in %.1fs; sets: %s", self.method, len(experts), self.prepare_s,
                  {k: len(v) for k, v in self.encoded.items()})
+
+    def _encode(self, recipe: SearchRecipe) -> tuple[dict[str, QASet], dict[str, Any]]:
+        sets = load_sets(recipe)
+        encoded = {key: encode_pairs(self.tokenizer, s.pairs, recipe.fitness.max_length, name=key)
+                   for key, s in sets.items()}
+        return sets, encoded
 
     def _load_live_model(self) -> Any:
         fit = self.recipe.fitness
