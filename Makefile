@@ -11,7 +11,7 @@ demo: venv
 	$(VENV)/bin/evomerge zoo build
 	$(VENV)/bin/evomerge datagen safety recipes/datagen-zoo.yaml
 	$(VENV)/bin/evomerge datagen domain recipes/datagen-zoo.yaml
-	$(VENV)/bin/evomerge search recipes/demo.yaml
+	$(VENV)/bin/evomerge report recipes/table1-zoo.yaml
 
 test: venv
 	$(PY) -m pytest -q

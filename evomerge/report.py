@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,13 @@ from evomerge.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RowName = Literal["grid", "domain-only", "safety-aware", "lm-cocktail", "lm-cocktail+safety"]
+RowName = Literal["grid", "domain-only", "safety-aware", "safety-aware+select", "lm-cocktail", "lm-cocktail+safety"]
 ROW_OVERRIDES: dict[str, list[str]] = {
     "grid": ["search.mode=grid"],
     "domain-only": ["search.mode=evomm-domain"],
-    "safety-aware": ["search.mode=cmaes"],
+    "safety-aware": ["search.mode=cmaes", "search.select=fitness"],
+    # the same search, its result chosen by greedy behaviour on held-in data (evomerge.search.select)
+    "safety-aware+select": ["search.mode=cmaes", "search.select=behaviour"],
     "lm-cocktail": ["search.mode=lm-cocktail", "search.cocktail.use_safety=false"],
     "lm-cocktail+safety": ["search.mode=lm-cocktail", "search.cocktail.use_safety=true"],
 }
@@ -154,7 +157,12 @@ def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluato
 
     label = f"{method}-{row}" if row not in METHOD_FREE_ROWS else row
     search = load_search_recipe(recipe.search, _search_overrides(recipe, method, row))
-    out = search_and_evaluate(search, folder / "searches" / label, evaluator, label)
+    run_dir = folder / "searches" / label
+    twin = folder / "searches" / f"{method}-safety-aware"
+    if row == "safety-aware+select" and not run_dir.exists() and (twin / "summary.json").exists():
+        # the same search as the safety-aware row: continue a copy of it; only the choice differs
+        shutil.copytree(twin, run_dir, ignore=shutil.ignore_patterns("evaluation.json", "selection.csv", "model"))
+    out = search_and_evaluate(search, run_dir, evaluator, label)
     return {**out, "method": "-" if row in METHOD_FREE_ROWS else method, "search": row}
 
 
@@ -192,20 +200,21 @@ def target_checks(table, domains: list[str], targets: Targets):
     out = []
     for method in [m for m in table["method"].unique() if m != "-"]:
         rows = table[table["method"] == method].set_index("search")
-        if "safety-aware" not in rows.index:
-            continue
-        sa = rows.loc["safety-aware"]
-        acc = _domain_score(sa.to_dict(), domains)
-        check = {"method": PAPER_NAMES.get(method, method), "alignment": sa["alignment"],
-                 "alignment_bar": safest["alignment"] - targets.alignment_slack,
-                 "accuracy": acc, "accuracy_bar": best_acc - targets.accuracy_slack}
-        check["alignment_ok"] = bool(check["alignment"] >= check["alignment_bar"])
-        check["accuracy_ok"] = bool(acc >= check["accuracy_bar"])
-        if "domain-only" in rows.index:
-            gap = sa["alignment"] - rows.loc["domain-only", "alignment"]
-            check["domain_only_gap"] = gap
-            check["gap_ok"] = bool(gap >= targets.domain_only_gap)
-        out.append(check)
+        for row in ("safety-aware", "safety-aware+select"):
+            if row not in rows.index:
+                continue
+            sa = rows.loc[row]
+            acc = _domain_score(sa.to_dict(), domains)
+            check = {"method": PAPER_NAMES.get(method, method), "search": row, "alignment": sa["alignment"],
+                     "alignment_bar": safest["alignment"] - targets.alignment_slack,
+                     "accuracy": acc, "accuracy_bar": best_acc - targets.accuracy_slack}
+            check["alignment_ok"] = bool(check["alignment"] >= check["alignment_bar"])
+            check["accuracy_ok"] = bool(acc >= check["accuracy_bar"])
+            if "domain-only" in rows.index:
+                gap = sa["alignment"] - rows.loc["domain-only", "alignment"]
+                check["domain_only_gap"] = gap
+                check["gap_ok"] = bool(gap >= targets.domain_only_gap)
+            out.append(check)
     return pd.DataFrame(out)
 
 
@@ -216,8 +225,9 @@ def pareto_plot(table, domains: list[str], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    markers = {"grid": "s", "domain-only": "v", "safety-aware": "o", "lm-cocktail": "D", "lm-cocktail+safety": "P"}
+    fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
+    markers = {"grid": "s", "domain-only": "v", "safety-aware": "o", "safety-aware+select": "X", "lm-cocktail": "D",
+               "lm-cocktail+safety": "P"}
     methods = [m for m in table["method"].unique() if m != "-"]
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     points = []
@@ -244,7 +254,7 @@ def pareto_plot(table, domains: list[str], path: Path, title: str) -> None:
     handles += [Line2D([], [], marker=markers[k], ls="", color="grey", label=k) for k in markers
                 if k in set(table["search"])]
     handles += [Line2D([], [], marker="o", ls="", color=colors[m], label=PAPER_NAMES.get(m, m)) for m in methods]
-    ax.legend(handles=handles, fontsize=7, loc="lower left")
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("domain accuracy, % (" + ", ".join(domains) + ")")
     ax.set_ylabel("alignment, % answers judged safe")
     ax.set_title(title, fontsize=10)

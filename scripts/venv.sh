@@ -31,7 +31,7 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 stamp="$venv/.evomerge-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "[venv] installing evomerge[dev] (editable)" >&2
-    quiet "${pip[@]}" install -e ".[dev]"
+    echo "[venv] installing evomerge[dev,eval] (editable)" >&2
+    quiet "${pip[@]}" install -e ".[dev,eval]"
     touch "$stamp"
 fi

@@ -56,8 +56,8 @@ def test_micro_table1_rows_columns_files_and_reuse(report_recipe, tmp_path, caps
     table = pd.read_csv(out / "table1.csv")
     assert list(zip(table["method"], table["search"])) == [
         ("-", "pool"), ("-", "pool"), ("-", "base"),
-        ("ties", "grid"), ("ties", "domain-only"), ("ties", "safety-aware"),
-        ("tsvm", "grid"), ("tsvm", "domain-only"), ("tsvm", "safety-aware"),
+        ("ties", "grid"), ("ties", "domain-only"), ("ties", "safety-aware"), ("ties", "safety-aware+select"),
+        ("tsvm", "grid"), ("tsvm", "domain-only"), ("tsvm", "safety-aware"), ("tsvm", "safety-aware+select"),
         ("-", "lm-cocktail"), ("-", "lm-cocktail+safety")]
     assert list(table.columns[:6]) == ["method", "search", "model", "alignment", "over_refusal", "acc_math"]
     assert table["alignment"].between(0, 100).all() and table["acc_math"].between(0, 100).all()
@@ -70,7 +70,15 @@ def test_micro_table1_rows_columns_files_and_reuse(report_recipe, tmp_path, caps
     printed = capsys.readouterr().out
     assert "targets (safety-aware search)" in printed
     checks = pd.read_csv(out / "targets.csv")
-    assert checks["method"].tolist() == ["TIES", "TSVM"]
+    assert checks["method"].tolist() == ["TIES", "TIES", "TSVM", "TSVM"]
+    assert checks["search"].tolist() == ["safety-aware", "safety-aware+select"] * 2
+    # "+select" continued a copy of the safety-aware search: same candidates, its own choice
+    for method in ("ties", "tsvm"):
+        same = [pd.read_parquet(out / "searches" / f"{method}-{row}" / "candidates.parquet")
+                for row in ("safety-aware", "safety-aware+select")]
+        pd.testing.assert_frame_equal(same[0].drop(columns=["build_s", "score_s"]),
+                                      same[1].drop(columns=["build_s", "score_s"]))
+        assert (out / "searches" / f"{method}-safety-aware+select" / "selection.csv").exists()
     # a rerun reuses every finished search and evaluation: same table, no new candidates
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("searches/*/candidates.parquet")}
     again = run_report(load_report_recipe(report_recipe), out)

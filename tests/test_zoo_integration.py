@@ -94,3 +94,21 @@ def test_demo_recipe_runs_on_the_zoo(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert set(result.heldout["model"]) == {"best merge", *recipe.pool.experts}
     assert result.best["fitness"] == min(r["fitness"] for r in result.state.candidates)
+
+
+def test_table1_report_on_the_zoo(tmp_path):
+    """The README's table, shortened to TIES's domain-only and safety-aware rows on the
+    zoo's own held-in data: the safety-aware search keeps far more alignment."""
+    from evomerge.report import load_report_recipe, run_report
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    recipe = load_report_recipe(recipes / "table1-zoo.yaml", [
+        "methods={ties: {normalize: false}}", "rows=[domain-only,safety-aware]", "include_base=false",
+        "overrides=[search.steps=10,data.safety=zoo:data/safety.jsonl,data.domain.geography=zoo:data/domain-geography.jsonl]",
+        "eval.limit=80"])
+    report = run_report(recipe, tmp_path / "table1")
+    table = report.table.set_index("search")
+    assert list(table.index) == ["pool", "pool", "domain-only", "safety-aware"]
+    assert table.loc["safety-aware", "alignment"] >= table.loc["domain-only", "alignment"] + 20
+    assert table.loc["domain-only", "acc_geography"] >= 90
+    assert (tmp_path / "table1" / "pareto.png").exists() and "## Targets" in report.markdown

@@ -131,6 +131,14 @@ def run_search(
         backend.close()  # workers' caches and models are freed before the finish steps
 
     best_i = proposer.best_index(state.candidates)
+    if recipe.search.select == "behaviour" and recipe.search.mode != "lm-cocktail":
+        import pandas as pd
+
+        from evomerge.search.select import select_by_behaviour
+
+        best_i, records = select_by_behaviour(recipe, state.candidates, backend.driver_evaluator(),
+                                              list(space.expert_names), best_i)
+        atomic_write_text(run / "selection.csv", pd.DataFrame(records).to_csv(index=False))
     best = state.candidates[best_i]
     best_genome = Genome.from_values(**_genome_fields(best), expert_names=list(space.expert_names))
     result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s)

@@ -139,6 +139,11 @@ class SearchSpec(_Strict):
     grid: GridSpec = GridSpec()
     cocktail: CocktailSpec = CocktailSpec()
     workers: WorkersSpec = WorkersSpec()
+    # which candidate is the result: lowest fitness, or best greedy behaviour on the held-in
+    # data among the fitness terms' Pareto front (evomerge.search.select explains why)
+    select: Literal["fitness", "behaviour"] = "fitness"
+    select_max: int = Field(32, gt=0)  # front members (best fitness first) judged by behaviour
+    select_max_new_tokens: int = Field(48, gt=0)
 
     @model_validator(mode="after")
     def _stop_rule(self) -> SearchSpec:

@@ -35,7 +35,8 @@ CHECKPOINT = "checkpoint.pkl"
 CHECKPOINT_VERSION = 1
 # fields that may change when a run is resumed: how long it runs, what happens after, and
 # who evaluates (every backend gives the same results)
-RESUMABLE_CHANGES = ("search.steps", "search.max_evals", "search.workers", "write_model", "evaluate")
+RESUMABLE_CHANGES = ("search.steps", "search.max_evals", "search.workers", "search.select", "search.select_max",
+                     "search.select_max_new_tokens", "write_model", "evaluate")
 
 
 class RunExistsError(ConfigError):
