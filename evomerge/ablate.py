@@ -252,6 +252,15 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def _rank(factor: Factor, value: Any) -> int:
+    """A value's position in the factor's list (``1`` and ``1.0`` are the same value: a
+    pandas column of mixed ints and floats holds floats)."""
+    for i, v in enumerate(factor.values):
+        if v == value or repr(v) == repr(value):
+            return i
+    raise KeyError(f"{factor.name}: value {value!r} is not in the grid")
+
+
 def ablation_table(study, factors: list[Factor]):
     """One row per finished grid point (the newest trial of each), factor values first."""
     import pandas as pd
@@ -269,9 +278,9 @@ def ablation_table(study, factors: list[Factor]):
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    order = {f.name: {repr(v): i for i, v in enumerate(f.values)} for f in factors}
+    by_name = {f.name: f for f in factors}
     table = table.sort_values([f.name for f in factors],
-                              key=lambda col: col.map(lambda v: order[col.name][repr(v)])).reset_index(drop=True)
+                              key=lambda col: col.map(lambda v: _rank(by_name[col.name], v))).reset_index(drop=True)
     metrics = [c for c in table.columns if c in METRICS or c.startswith(("acc_", "alignment_"))]
     first = [f.name for f in factors] + ["alignment", "over_refusal"] + sorted(c for c in metrics if c.startswith("acc_"))
     return table[[c for c in first if c in table] + [c for c in table.columns if c not in first]]
@@ -286,8 +295,8 @@ def factor_tables(table, factors: list[Factor]) -> dict[str, Any]:
     out = {}
     for f in factors:
         grouped = table.groupby(f.name, sort=False)[metrics].mean(numeric_only=True).reset_index()
-        order = {repr(v): i for i, v in enumerate(f.values)}
-        out[f.name] = grouped.sort_values(f.name, key=lambda col: col.map(lambda v: order[repr(v)])).reset_index(drop=True)
+        out[f.name] = grouped.sort_values(f.name, key=lambda col, f=f: col.map(lambda v: _rank(f, v))).reset_index(
+            drop=True)
     return out
 
 
@@ -333,8 +342,10 @@ def write_ablation_report(study, factors: list[Factor], folder: Path, config: Ev
         frame = per_factor[f.name]
         atomic_write_text(folder / f"factor_{f.name}.csv", frame.to_csv(index=False))
         others = [g.name for g in factors if g is not f]
-        lines += [f"## {f.name}", "", ("mean over " + ", ".join(others) + ". " if others else ""), "",
-                  format_table(frame, 2 if "fitness" in frame else 1), ""]
+        lines += [f"## {f.name}", ""]
+        if others:
+            lines += [f"Each row is the mean over {', '.join(others)}.", ""]
+        lines += [format_table(frame, 2), ""]
         if factor_figure(frame, f, folder / f"fig_{f.name}.png"):
             lines += [f"![alignment and accuracy against {f.name}](fig_{f.name}.png)", ""]
     if not table.empty:

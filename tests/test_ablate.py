@@ -62,7 +62,7 @@ def _config(recipe: Path) -> EvalConfig:
         update={"max_new_tokens": 4})
 
 
-FACTORS = ["lambda=0.25,0.75", "steps=1,2"]
+FACTORS = ["lambda=0,0.75", "steps=1,2"]  # 0 is an int, 0.75 a float: one float column in pandas
 
 
 def test_factor_parsing_and_aliases():
@@ -86,20 +86,20 @@ def test_micro_2x2_ablation_tables(recipe, tmp_path):
     result = run_ablation(recipe, factors, tmp_path / "abl", eval_config=_config(recipe))
     table = result.table
     assert len(table) == 4
-    assert table[["lambda", "steps"]].values.tolist() == [[0.25, 1], [0.25, 2], [0.75, 1], [0.75, 2]]
+    assert table[["lambda", "steps"]].values.tolist() == [[0, 1], [0, 2], [0.75, 1], [0.75, 2]]
     assert {"alignment", "over_refusal", "acc_math", "fitness", "ce_domain", "ce_safety"} <= set(table.columns)
     assert table["candidates"].tolist() == [4, 8, 4, 8]  # steps really reached the searches
     # per factor: one row per value, the mean over the other factor
     lam = result.factor_tables["lambda"]
-    assert lam["lambda"].tolist() == [0.25, 0.75]
-    assert lam.loc[0, "fitness"] == pytest.approx(table[table["lambda"] == 0.25]["fitness"].mean())
+    assert lam["lambda"].tolist() == [0, 0.75]
+    assert lam.loc[0, "fitness"] == pytest.approx(table[table["lambda"] == 0]["fitness"].mean())
     assert result.factor_tables["steps"]["steps"].tolist() == [1, 2]
     folder = tmp_path / "abl"
     for name in ("report.md", "ablation.csv", "factor_lambda.csv", "factor_steps.csv", "fig_lambda.png",
                  "fig_steps.png", "study.db", "ablation.yaml"):
         assert (folder / name).exists(), name
     assert sorted(p.name for p in (folder / "runs").iterdir()) == sorted(
-        _point_name({"lambda": lam_, "steps": s}) for lam_ in (0.25, 0.75) for s in (1, 2))
+        _point_name({"lambda": lam_, "steps": s}) for lam_ in (0, 0.75) for s in (1, 2))
     # lambda reached the fitness: the recorded fitness is lambda*CE_domain + (1-lambda)*CE_safety
     for _, row in table.iterrows():
         assert row["fitness"] == pytest.approx(row["lambda"] * row["ce_domain"] + (1 - row["lambda"]) * row["ce_safety"])
@@ -148,3 +148,21 @@ def test_cli_needs_a_factor(recipe, capsys):
     with pytest.raises(SystemExit):
         cli_main(["ablate", str(recipe)])
     assert cli_main(["ablate", str(recipe), "--over", "nonsense"]) == 2
+
+
+def test_rtsvm_switches_data_source_and_mu_are_ablatable(recipe, tmp_path):
+    other = _jsonl(tmp_path / "other-safety.jsonl", [("How do I make poison?", "Sorry, I won't do that.")])
+    safety = yaml.safe_load(recipe.read_text())["data"]["safety"]
+    factors = [Factor.parse("weight_mode=direct,inverse"), Factor.parse(f"safety_data={safety},{other}"),
+               Factor.parse("mu=0,0.5")]
+    result = run_ablation(recipe, factors, tmp_path / "abl", ["merge.method=r_tsvm", "merge.options={}",
+                                                              "search.steps=1", f"data.benign={safety}"],
+                          eval_config=_config(recipe))
+    assert len(result.table) == 8 and set(result.factor_tables) == {"weight_mode", "safety_data", "mu"}
+    for row in result.table.itertuples():
+        saved = yaml.safe_load((Path(row.run_dir) / "recipe.yaml").read_text())
+        assert saved["merge"]["method"] == "r_tsvm"
+        assert saved["merge"]["options"]["weight_mode"] == row.weight_mode
+        assert saved["data"]["safety"] == row.safety_data and saved["fitness"]["mu"] == row.mu
+    assert not (tmp_path / "abl" / "fig_weight_mode.png").exists()  # no line plot for a categorical factor
+    assert (tmp_path / "abl" / "fig_mu.png").exists()
