@@ -152,11 +152,22 @@ def search_and_evaluate(search, run_dir: Path, evaluator: Evaluator, label: str)
     return out
 
 
-def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluator: Evaluator) -> dict[str, Any]:
+def plan(recipe: ReportRecipe) -> list[tuple[str, str]]:
+    """The (method, row) searches of the table, in the order they run."""
+    out = [(m, r) for m in recipe.methods for r in recipe.rows if r not in METHOD_FREE_ROWS]
+    return out + [(next(iter(recipe.methods)), r) for r in recipe.rows if r in METHOD_FREE_ROWS]
+
+
+def search_recipe_for(recipe: ReportRecipe, method: str, row: str):
+    """The search recipe of one cell of the table."""
     from evomerge.search import load_search_recipe
 
+    return load_search_recipe(recipe.search, _search_overrides(recipe, method, row))
+
+
+def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluator: Evaluator) -> dict[str, Any]:
     label = f"{method}-{row}" if row not in METHOD_FREE_ROWS else row
-    search = load_search_recipe(recipe.search, _search_overrides(recipe, method, row))
+    search = search_recipe_for(recipe, method, row)
     run_dir = folder / "searches" / label
     twin = folder / "searches" / f"{method}-safety-aware"
     if row == "safety-aware+select" and not run_dir.exists() and (twin / "summary.json").exists():
@@ -332,12 +343,13 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
 
     from evomerge.search.evaluator import sharing_preparation
 
+    cells = plan(recipe)
+    for method, row in cells:  # every cell's recipe is valid before anything runs
+        search_recipe_for(recipe, method, row)
     rows = _pool_rows(recipe, search_recipe, folder, evaluator)
-    plan = [(m, r) for m in recipe.methods for r in recipe.rows if r not in METHOD_FREE_ROWS]
-    plan += [(next(iter(recipe.methods)), r) for r in recipe.rows if r in METHOD_FREE_ROWS]
     with sharing_preparation():  # the rows of one method share its merge cache and the tokenised data
-        for i, (method, row) in enumerate(plan, 1):
-            log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(plan), method, row)
+        for i, (method, row) in enumerate(cells, 1):
+            log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(cells), method, row)
             rows.append(_run_one(recipe, method, row, folder, evaluator))
     table = pd.DataFrame(rows)
     front = ["method", "search", "model", "alignment", "over_refusal"] + [f"acc_{d}" for d in domains]

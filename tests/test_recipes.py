@@ -17,6 +17,15 @@ def test_shipped_recipe_is_valid(path):
     if path.stem.startswith("datagen-"):
         recipe = load_datagen_recipe(path)
         assert recipe.pool and (recipe.safety or recipe.domain)
+    elif path.stem.startswith("table1-"):
+        from evomerge.report import load_report_recipe, plan, search_recipe_for
+
+        recipe = load_report_recipe(path)
+        cells = plan(recipe)
+        assert len(cells) == len(recipe.methods) * 4 + 2  # 4 rows per method, LM-Cocktail twice
+        for method, row in cells:
+            search = search_recipe_for(recipe, method, row)
+            assert search.merge.method == method and not search.write_model
     else:
         recipe = load_search_recipe(path)
         assert recipe.pool.experts and recipe.search.steps
