@@ -193,3 +193,19 @@ def test_generator_refuses_what_it_cannot_run(models):
         make_generator("vllm", str(models["a"]), device=other)
     with pytest.raises(ConfigError, match="needs a model folder or a running vllm.LLM, got LlamaForCausalLM"):
         make_generator("vllm", micro_llama(), micro_tokenizer())
+
+
+def test_eval_with_vllm_matches_transformers(models, tmp_path):
+    """``evomerge eval --backend vllm``: the same greedy answers, hence the same table."""
+    from evomerge.evaluation import EvalConfig, JudgeConfig, evaluate_models
+
+    unsafe = tmp_path / "unsafe.jsonl"
+    unsafe.write_text("".join(json.dumps({"prompt": c[-1]["content"]}) + "\n" for c in CHATS))
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in PAIRS))
+    config = dict(sets=[f"unsafe:{unsafe}", f"domain.misc:{domain}"], judge=JudgeConfig(name="refusal_strings"),
+                  max_new_tokens=16)
+    got = {backend: evaluate_models([str(models["a"])], EvalConfig(backend=backend, **config))
+           for backend in ("vllm", "transformers")}
+    assert got["vllm"].answers["answer"].tolist() == got["transformers"].answers["answer"].tolist()
+    assert got["vllm"].table.drop(columns=["ref"]).equals(got["transformers"].table.drop(columns=["ref"]))
