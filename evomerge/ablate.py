@@ -33,7 +33,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, Evaluator, JudgeConfig, format_table, is_zoo_ref
-from evomerge.io_utils import atomic_write_text
+from evomerge.io_utils import atomic_save_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -321,10 +321,7 @@ def factor_figure(frame, factor: Factor, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
     return True
 
 

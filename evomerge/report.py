@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import Candidate, EvalConfig, Evaluator, format_table
-from evomerge.io_utils import atomic_write_text
+from evomerge.io_utils import atomic_save_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,7 @@ def pareto_plot(table, domains: list[str], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def _markdown(recipe: ReportRecipe, search_recipe, table, checks, evaluator: Evaluator, seconds: float) -> str:

@@ -64,3 +64,12 @@ def save_micro_model(folder: str | Path, seed: int = 0, tokenizer: Any = None, *
     model.save_pretrained(folder)
     (tokenizer or micro_tokenizer()).save_pretrained(folder)
     return folder
+
+
+def write_pairs_jsonl(path: str | Path, pairs: Any) -> str:
+    """(prompt, answer) pairs as a JSONL file with ``prompt`` / ``answer`` fields; returns its path."""
+    import json
+
+    path = Path(path)
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+    return str(path)

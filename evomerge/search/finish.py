@@ -7,7 +7,7 @@ import logging
 import math
 from typing import Any
 
-from evomerge.io_utils import atomic_write_text
+from evomerge.io_utils import atomic_save_figure, atomic_write_text
 from evomerge.merge import MergeRecipe, write_merged_model
 from evomerge.merge.recipe import GenomeSpec
 from evomerge.pool import load_model
@@ -70,10 +70,7 @@ def fitness_plot(generations, path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def _fmt(frame, digits: int = 4) -> str:
