@@ -7,6 +7,7 @@ import logging
 import math
 from typing import Any
 
+from evomerge.evaluation import format_table
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
 from evomerge.merge import MergeRecipe, write_merged_model
 from evomerge.merge.recipe import GenomeSpec
@@ -73,14 +74,6 @@ def fitness_plot(generations, path) -> None:
     atomic_save_figure(fig, path)
 
 
-def _fmt(frame, digits: int = 4) -> str:
-    """Markdown through pandas/tabulate; floats rounded here so integer columns stay integers."""
-    def cell(v: Any) -> Any:
-        return f"{v:.{digits}f}" if isinstance(v, float) else v
-
-    return frame.astype(object).map(cell).to_markdown(index=False, disable_numparse=True)
-
-
 def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, float], heldout) -> str:
     import pandas as pd
 
@@ -108,9 +101,9 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
         "",
         f"## Best candidate (#{best['index']}, generation {best['generation']})",
         "",
-        _fmt(pd.DataFrame([terms])),
+        format_table(pd.DataFrame([terms]), 4),
         "",
-        _fmt(pd.DataFrame(genome_rows)),
+        format_table(pd.DataFrame(genome_rows), 4),
         "",
         "Weights and densities are listed per layer group, first group first.",
         "",
@@ -118,10 +111,10 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
     if heldout is not None:
         sizes = ", ".join(f"{k} n={v}" for k, v in heldout.attrs.get("sizes", {}).items())
         lines += ["## Held-out check (greedy answers; refusal phrases; exact match), percent", "",
-                  _fmt(heldout, 1), "", f"Sets: {sizes}.", ""]
+                  format_table(heldout, 1), "", f"Sets: {sizes}.", ""]
     lines += ["## Fitness per generation", "", "![fitness](fitness.png)", "",
-              _fmt(gens[["generation", "evals", "best_fitness", "mean_fitness", "best_so_far",
-                         "best_ce_domain", "best_ce_safety", "seconds"]]), ""]
+              format_table(gens[["generation", "evals", "best_fitness", "mean_fitness", "best_so_far",
+                         "best_ce_domain", "best_ce_safety", "seconds"]], 4), ""]
     return "\n".join(lines)
 
 
