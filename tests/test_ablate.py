@@ -161,3 +161,23 @@ def test_rtsvm_switches_data_source_and_mu_are_ablatable(recipe, tmp_path):
         assert saved["data"]["safety"] == row.safety_data and saved["fitness"]["mu"] == row.mu
     assert not (tmp_path / "abl" / "fig_weight_mode.png").exists()  # no line plot for a categorical factor
     assert (tmp_path / "abl" / "fig_mu.png").exists()
+
+
+def test_grid_points_share_preparation(recipe):
+    """Inside sharing_preparation() the merge cache, live model and tokenised data are built
+    once per pool and method; a new method replaces the cache instead of adding one."""
+    from evomerge.search import load_search_recipe
+    from evomerge.search.evaluator import CandidateEvaluator, sharing_preparation
+
+    a = CandidateEvaluator(load_search_recipe(recipe, ["fitness.lambda=0.1"]))
+    b = CandidateEvaluator(load_search_recipe(recipe, ["fitness.lambda=0.9"]))
+    assert a.cache is not b.cache and a.model is not b.model  # no sharing by default
+    with sharing_preparation() as shared:
+        c = CandidateEvaluator(load_search_recipe(recipe, ["fitness.lambda=0.1"]))
+        d = CandidateEvaluator(load_search_recipe(recipe, ["fitness.lambda=0.9", "search.steps=5"]))
+        assert c.cache is d.cache and c.model is d.model and c.encoded is d.encoded
+        e = CandidateEvaluator(load_search_recipe(recipe, ["fitness.n_samples=3"]))
+        assert e.cache is c.cache and e.encoded is not c.encoded  # other data: re-encoded
+        f = CandidateEvaluator(load_search_recipe(recipe, ["merge.method=task_arithmetic"]))
+        assert f.cache is not c.cache
+        assert sum(key[0] == "merge cache" for key in shared) == 1
