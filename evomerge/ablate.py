@@ -50,7 +50,6 @@ ALIASES = {
     "order": "merge.options.order",
     "beta": "merge.options.beta",
     "safety_data": "data.safety",
-    "domain_data": "data.domain",
 }
 METRICS = ("alignment", "over_refusal", "refuses_unsafe", "fitness", "ce_domain", "ce_safety", "ce_benign")
 

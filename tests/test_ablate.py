@@ -181,3 +181,15 @@ def test_grid_points_share_preparation(recipe):
         f = CandidateEvaluator(load_search_recipe(recipe, ["merge.method=task_arithmetic"]))
         assert f.cache is not c.cache
         assert sum(key[0] == "merge cache" for key in shared) == 1
+
+
+def test_workers_share_one_study_through_a_journal_file(recipe, tmp_path):
+    """A second worker (another folder, e.g. another machine) pointed at the same storage
+    finds the grid done: it runs no search and reports the shared results."""
+    storage = f"journal:{tmp_path / 'study.log'}"
+    factors = [Factor.parse("lambda=0.25,0.75")]
+    first = run_ablation(recipe, factors, tmp_path / "worker1", storage=storage, eval_config=_config(recipe))
+    second = run_ablation(recipe, factors, tmp_path / "worker2", storage=storage, eval_config=_config(recipe))
+    assert not (tmp_path / "worker2" / "runs").exists() and not (tmp_path / "worker2" / "study.db").exists()
+    pd.testing.assert_frame_equal(second.table, first.table)
+    assert len(first.table) == 2
