@@ -143,6 +143,23 @@ def test_fitness_terms_match_hand_computation(recipe_data):
     assert len(ev.sets["domain.math"]) == 3  # n_samples caps every set
 
 
+def test_safety_tokens_scores_only_the_first_answer_tokens(recipe_data):
+    recipe_data["fitness"]["safety_tokens"] = 2
+    ev = CandidateEvaluator(recipe_from_dict(recipe_data))
+    genome = Genome.from_values([0.7, 0.4], [0.8, 0.6])
+    scored = ev.evaluate(genome)
+    full = encode_pairs(micro_tokenizer(), ev.sets["safety"].pairs)
+    assert [s.n_answer_tokens for s in ev.encoded["safety"]] == [2] * len(full)
+    # the first two answer tokens only: per-sample CE over them, then the mean
+    manual = []
+    for sample in full:
+        ids = torch.tensor([sample.ids[: sample.answer_start + 2]])
+        logits = ev.model(ids).logits[0, sample.answer_start - 1 : sample.answer_start + 1].float()
+        manual.append(float(torch.nn.functional.cross_entropy(logits, ids[0, sample.answer_start : sample.answer_start + 2])))
+    assert scored.terms["ce_safety"] == pytest.approx(sum(manual) / len(manual), rel=1e-5)
+    assert len(ev.encoded["domain.math"][0].ids) > ev.encoded["domain.math"][0].answer_start + 2  # others untouched
+
+
 def test_combine_skips_zero_weights_and_poisons_on_nonfinite():
     assert combine(1.0, 0.0, 2.0, None, None) == 2.0
     assert combine(0.0, 0.0, None, 3.0, None) == 3.0

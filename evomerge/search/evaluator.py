@@ -135,7 +135,8 @@ class CandidateEvaluator:
         else:
             self._model = _shared(("live model", base, fit.device, fit.dtype, repr(load_options)),
                                   self._load_live_model)
-        data_key = ("encoded data", base, recipe.data.model_dump_json(), fit.n_samples, recipe.seed, fit.max_length)
+        data_key = ("encoded data", base, recipe.data.model_dump_json(), fit.n_samples, recipe.seed, fit.max_length,
+                    fit.safety_tokens)
         self.sets, self.encoded = _shared(data_key, lambda: self._encode(recipe))
         self.plans = ({} if self.engine is not None else
                       {key: ScoringPlan(samples, fit.batch_size, fit.max_batch_tokens, fit.device)
@@ -150,6 +151,9 @@ class CandidateEvaluator:
         sets = load_sets(recipe)
         encoded = {key: encode_pairs(self.tokenizer, s.pairs, recipe.fitness.max_length, name=key)
                    for key, s in sets.items()}
+        k = recipe.fitness.safety_tokens
+        if k is not None and "safety" in encoded:
+            encoded["safety"] = [sample.head(k) for sample in encoded["safety"]]
         return sets, encoded
 
     def _load_live_model(self) -> Any:

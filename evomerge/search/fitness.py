@@ -47,6 +47,12 @@ class EncodedSample:
     def n_answer_tokens(self) -> int:
         return self.answer_end - self.answer_start
 
+    def head(self, n_tokens: int) -> EncodedSample:
+        """Only the first ``n_tokens`` answer tokens scored (and fed): where a greedy answer
+        decides between refusing and complying."""
+        end = min(self.answer_end, self.answer_start + n_tokens)
+        return EncodedSample(self.ids[:end], self.answer_start, end)
+
 
 def _end_of_turn_ids(tokenizer) -> set[int]:
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])

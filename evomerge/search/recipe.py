@@ -77,6 +77,9 @@ class FitnessSpec(_Strict):
     lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0)
     mu: float = Field(0.0, ge=0.0)
     n_samples: int = Field(100, gt=0)
+    # score only the first k answer tokens of the safety set (None: the whole answer). A greedy
+    # answer refuses or complies in its first tokens; the rest of a refusal text dilutes the CE.
+    safety_tokens: int | None = Field(None, gt=0)
     batch_size: int = Field(64, gt=0)
     max_batch_tokens: int = Field(16384, gt=0)
     max_length: int = Field(2048, gt=1)
