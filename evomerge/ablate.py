@@ -253,7 +253,9 @@ def _yaml(value: Any) -> str:
 
 def _rank(factor: Factor, value: Any) -> int:
     """A value's position in the factor's list (``1`` and ``1.0`` are the same value: a
-    pandas column of mixed ints and floats holds floats)."""
+    pandas column of mixed ints and floats holds floats; ``None`` comes back as NaN)."""
+    if isinstance(value, float) and value != value:  # pandas shows a null grid value as NaN
+        value = None
     for i, v in enumerate(factor.values):
         if v == value or repr(v) == repr(value):
             return i
@@ -293,7 +295,7 @@ def factor_tables(table, factors: list[Factor]) -> dict[str, Any]:
     metrics = [c for c in table.columns if (c in METRICS or c.startswith("acc_")) and c in table]
     out = {}
     for f in factors:
-        grouped = table.groupby(f.name, sort=False)[metrics].mean(numeric_only=True).reset_index()
+        grouped = table.groupby(f.name, sort=False, dropna=False)[metrics].mean(numeric_only=True).reset_index()
         out[f.name] = grouped.sort_values(f.name, key=lambda col, f=f: col.map(lambda v: _rank(f, v))).reset_index(
             drop=True)
     return out

@@ -193,3 +193,13 @@ def test_workers_share_one_study_through_a_journal_file(recipe, tmp_path):
     assert not (tmp_path / "worker2" / "runs").exists() and not (tmp_path / "worker2" / "study.db").exists()
     pd.testing.assert_frame_equal(second.table, first.table)
     assert len(first.table) == 2
+
+
+def test_a_null_grid_value_means_the_default(recipe, tmp_path):
+    """``null`` is a value like any other (here: score every safety answer token)."""
+    result = run_ablation(recipe, [Factor.parse("fitness.safety_tokens=2,null")], tmp_path / "abl",
+                          ["search.steps=1"], eval_config=_config(recipe))
+    table = result.factor_tables["fitness.safety_tokens"]
+    assert len(result.table) == 2 and len(table) == 2
+    assert table["fitness.safety_tokens"].iloc[0] == 2 and pd.isna(table["fitness.safety_tokens"].iloc[1])
+    assert result.table["ce_safety"].iloc[0] != result.table["ce_safety"].iloc[1]
