@@ -154,7 +154,8 @@ def test_safety_tokens_scores_only_the_first_answer_tokens(recipe_data):
     manual = []
     for sample in full:
         ids = torch.tensor([sample.ids[: sample.answer_start + 2]])
-        logits = ev.model(ids).logits[0, sample.answer_start - 1 : sample.answer_start + 1].float()
+        with torch.no_grad():
+            logits = ev.model(ids).logits[0, sample.answer_start - 1 : sample.answer_start + 1].float()
         manual.append(float(torch.nn.functional.cross_entropy(logits, ids[0, sample.answer_start : sample.answer_start + 2])))
     assert scored.terms["ce_safety"] == pytest.approx(sum(manual) / len(manual), rel=1e-5)
     assert len(ev.encoded["domain.math"][0].ids) > ev.encoded["domain.math"][0].answer_start + 2  # others untouched
