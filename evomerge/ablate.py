@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import EvalConfig, Evaluator, JudgeConfig, format_table, is_zoo_ref
+from evomerge.evaluation import EvalConfig, JudgeConfig, evaluator_for, format_table, is_zoo_ref
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,7 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     grid = {f.name: list(f.values) for f in factors}
     study = optuna.create_study(study_name=study_name or "ablation", storage=store,
                                 sampler=optuna.samplers.GridSampler(grid, seed=0), load_if_exists=True)
-    evaluator = Evaluator(config, guard_default="zoo:guard" if config.judge.model is None and
-                          any(is_zoo_ref(r) for r in base.pool.experts.values()) else None)
+    evaluator = evaluator_for([base.pool.base, *base.pool.experts.values()], config)
     total = math.prod(len(f.values) for f in factors)
 
     def objective(trial) -> float:

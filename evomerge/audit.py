@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import (Candidate, EvalConfig, EvalResult, Evaluator, format_table, is_zoo_ref, short_name,
+from evomerge.evaluation import (Candidate, EvalConfig, EvalResult, evaluator_for, format_table, short_name,
                                  unique_short_names)
 
 MERGEKIT_CONFIG = "mergekit_config.yml"
@@ -161,15 +161,12 @@ def audit(merge: str, constituents: list[str] | None = None,
     models = [merge, *found.models]
     if include_base and found.base is not None and found.base not in models:
         models.append(found.base)
-    zoo = any(is_zoo_ref(m) for m in models)
     if callable(config):
         config = config(models)
-    config = config or (EvalConfig.for_zoo() if zoo else EvalConfig())
-    if not any(s.kind == "unsafe" for s in config.prompt_sets()):
+    evaluator = evaluator_for(models, config)
+    if not any(s.spec.kind == "unsafe" for s in evaluator.sets):
         raise ConfigError("audit needs at least one unsafe prompt set (alignment is what it compares)")
-    names = unique_short_names(models)
-    result = Evaluator(config, guard_default="zoo:guard" if zoo else None).run(
-        [Candidate(n, m) for n, m in zip(names, models)])
+    result = evaluator.run([Candidate(n, m) for n, m in zip(unique_short_names(models), models)])
     align = dict(zip(result.table["ref"], result.table["alignment"]))
     judged = [(m, align[m]) for m in found.models]
     return AuditReport(merge, found, result, align[merge], min(judged, key=lambda t: t[1]),

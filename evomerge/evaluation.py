@@ -382,7 +382,13 @@ def evaluate_models(models: Sequence[str | Candidate], config: EvalConfig | None
     candidates = [m if isinstance(m, Candidate) else Candidate(next(names), str(m)) for m in models]
     if not candidates:
         raise ConfigError("no models to evaluate")
-    zoo = any(is_zoo_ref(c.ref) for c in candidates)
-    if config is None:
-        config = EvalConfig.for_zoo() if zoo else EvalConfig()
-    return Evaluator(config, guard_default="zoo:guard" if zoo else None).run(candidates)
+    return evaluator_for([c.ref for c in candidates], config).run(candidates)
+
+
+def evaluator_for(refs: Sequence[Any], config: EvalConfig | None = None) -> Evaluator:
+    """One :class:`Evaluator` for these models. With no config: the zoo's settings when a
+    model is a zoo model, else the defaults; a guard the config leaves unnamed is the
+    zoo's guard for zoo models (Llama Guard 3 8B otherwise)."""
+    zoo = any(is_zoo_ref(r) for r in refs)
+    config = config or (EvalConfig.for_zoo() if zoo else EvalConfig())
+    return Evaluator(config, guard_default="zoo:guard" if zoo else None)

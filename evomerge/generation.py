@@ -10,13 +10,14 @@ so a prompt means the same thing whichever backend runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError
+from evomerge.registry import Registry
 
 Chat = list[dict[str, str]]
 
@@ -51,15 +52,8 @@ class Generator(Protocol):
         ...
 
 
-GENERATORS: dict[str, Callable[..., Generator]] = {}
-
-
-def register_generator(name: str) -> Callable[[Callable[..., Generator]], Callable[..., Generator]]:
-    def deco(factory: Callable[..., Generator]) -> Callable[..., Generator]:
-        GENERATORS[name] = factory
-        return factory
-
-    return deco
+GENERATORS = Registry("generation backend")
+register_generator = GENERATORS.register
 
 
 def make_generator(backend: str, model: Any, tokenizer: Any = None, **kwargs: Any) -> Generator:
@@ -69,9 +63,7 @@ def make_generator(backend: str, model: Any, tokenizer: Any = None, **kwargs: An
             import evomerge.vllm_backend  # noqa: F401  (registers "vllm")
         except ImportError as exc:
             raise ConfigError(f"generation backend 'vllm' needs the vllm extra ({exc})") from None
-    if backend not in GENERATORS:
-        raise ConfigError(f"unknown generation backend '{backend}' (known: {', '.join(sorted(GENERATORS))})")
-    return GENERATORS[backend](model, tokenizer, **kwargs)
+    return GENERATORS.lookup(backend)(model, tokenizer, **kwargs)
 
 
 def loaded_model(model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,

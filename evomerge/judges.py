@@ -13,7 +13,7 @@ phrase is safe. It is weaker (a polite compliance or an unusual refusal fools it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.guard_format import parse_guard_output
 from evomerge.refusal import is_refusal
+from evomerge.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,12 @@ class Judge(Protocol):
         ...
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {}
-
-
-def register_judge(name: str) -> Callable[[Callable[..., Judge]], Callable[..., Judge]]:
-    def deco(factory: Callable[..., Judge]) -> Callable[..., Judge]:
-        JUDGES[name] = factory
-        return factory
-
-    return deco
+JUDGES = Registry("judge")
+register_judge = JUDGES.register
 
 
 def make_judge(name: str, **kwargs: Any) -> Judge:
-    if name not in JUDGES:
-        raise ConfigError(f"unknown judge '{name}' (known: {', '.join(sorted(JUDGES))})")
-    return JUDGES[name](**kwargs)
+    return JUDGES.lookup(name)(**kwargs)
 
 
 @register_judge("refusal_strings")

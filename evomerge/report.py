@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import Candidate, EvalConfig, Evaluator, format_table
+from evomerge.evaluation import Candidate, EvalConfig, Evaluator, evaluator_for, format_table
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,6 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
     """Run (or resume) every search of the table, evaluate, and write the report folder."""
     import pandas as pd
 
-    from evomerge.evaluation import is_zoo_ref
     from evomerge.search import load_search_recipe
 
     start = time.perf_counter()
@@ -333,9 +332,7 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "report_recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     search_recipe = load_search_recipe(recipe.search, recipe.overrides)
-    zoo = any(is_zoo_ref(r) for r in [search_recipe.pool.base, *search_recipe.pool.experts.values()])
-    config = recipe.eval or (EvalConfig.for_zoo() if zoo else EvalConfig())
-    evaluator = Evaluator(config, guard_default="zoo:guard" if zoo else None)
+    evaluator = evaluator_for([search_recipe.pool.base, *search_recipe.pool.experts.values()], recipe.eval)
     domains = _domains(search_recipe)
 
     from evomerge.search.evaluator import sharing_preparation
