@@ -9,7 +9,6 @@ run the same code in the slow zoo test (tests/test_zoo_integration.py).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.merge import Genome, build, merge_uncached, prepare
+from evomerge.merge import Genome, merge_uncached
 from evomerge.merge.mergekit_compat import from_mergekit, to_mergekit
 from evomerge.merge.recipe import MergeRecipe
 from evomerge.merge.writer import load_recipe, write_merged_model
