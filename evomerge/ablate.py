@@ -192,7 +192,6 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     if len(set(names)) != len(names) or len({f.path for f in factors}) != len(factors):
         raise ConfigError(f"a factor is given twice: {', '.join(names)}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     base = load_search_recipe(recipe_path, overrides)
     for f in factors:  # every grid value must make a valid recipe: fail before running anything
@@ -201,6 +200,7 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     config = eval_config or eval_config_for(base)
     spec = {"recipe": str(recipe_path), "overrides": overrides, "factors": [
         {"name": f.name, "path": f.path, "values": list(f.values)} for f in factors], "eval": config.model_dump()}
+    folder.mkdir(parents=True, exist_ok=True)  # only once every grid point is known to be valid
     spec_path = folder / "ablation.yaml"
     if spec_path.exists() and yaml.safe_load(spec_path.read_text()) != json.loads(json.dumps(spec)):
         raise ConfigError(f"{folder} holds a different ablation (see {spec_path}); use another folder")

@@ -113,10 +113,6 @@ def _search_overrides(recipe: ReportRecipe, method: str, row: str) -> list[str]:
             *NO_HELDOUT_CHECK]
 
 
-def _domains(search_recipe) -> list[str]:
-    return list(search_recipe.data.domain)
-
-
 def _domain_score(row: dict[str, Any], domains: list[str]) -> float:
     """Mean accuracy over the pool's domains (the Pareto plot's x)."""
     values = [row.get(f"acc_{d}") for d in domains]
@@ -328,18 +324,17 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
     from evomerge.search import load_search_recipe
 
     start = time.perf_counter()
+    from evomerge.search.evaluator import sharing_preparation
+
+    search_recipe = load_search_recipe(recipe.search, recipe.overrides)
+    cells = plan(recipe)
+    for method, row in cells:  # every cell's recipe is valid before anything runs or is written
+        search_recipe_for(recipe, method, row)
+    evaluator = evaluator_for([search_recipe.pool.base, *search_recipe.pool.experts.values()], recipe.eval)
+    domains = list(search_recipe.data.domain)
     folder = Path(out) if out else Path(runs_root) / recipe.name
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "report_recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    search_recipe = load_search_recipe(recipe.search, recipe.overrides)
-    evaluator = evaluator_for([search_recipe.pool.base, *search_recipe.pool.experts.values()], recipe.eval)
-    domains = _domains(search_recipe)
-
-    from evomerge.search.evaluator import sharing_preparation
-
-    cells = plan(recipe)
-    for method, row in cells:  # every cell's recipe is valid before anything runs
-        search_recipe_for(recipe, method, row)
     rows = _pool_rows(recipe, search_recipe, folder, evaluator)
     with sharing_preparation():  # the rows of one method share its merge cache and the tokenised data
         for i, (method, row) in enumerate(cells, 1):

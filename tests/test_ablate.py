@@ -53,7 +53,7 @@ def test_factor_parsing_and_aliases():
 def test_bad_grid_value_is_named_before_anything_runs(recipe, tmp_path):
     with pytest.raises(ConfigError, match="fitness.lambda: Input should be less than or equal to 1"):
         run_ablation(recipe, [Factor.parse("lambda=0.5,2")], tmp_path / "abl", eval_config=_config(recipe))
-    assert not (tmp_path / "abl" / "runs").exists()
+    assert not (tmp_path / "abl").exists()
 
 
 def test_micro_2x2_ablation_tables(recipe, tmp_path):

@@ -91,4 +91,4 @@ def test_bad_report_recipes_are_named(report_recipe, tmp_path):
     assert cli_main(["report", str(report_recipe), "methods={ties: {bogus: 1}}"]) == 2
     with pytest.raises(ConfigError, match="fitness.lambda"):  # a bad cell stops the report before any search
         run_report(load_report_recipe(report_recipe, ["overrides=[fitness.lambda=3]"]), tmp_path / "bad")
-    assert not (tmp_path / "bad" / "searches").exists()
+    assert not (tmp_path / "bad").exists()
