@@ -22,6 +22,7 @@ import yaml
 from datagen.recipe import DatagenRecipe
 from evomerge.errors import ConfigError
 from evomerge.io_utils import atomic_write_text
+from evomerge.runfolder import FolderLock
 
 log = logging.getLogger(__name__)
 KINDS = ("safety", "domain")
@@ -39,15 +40,20 @@ def run_datagen(recipe: DatagenRecipe, kind: str, out: str | os.PathLike[str] | 
 
     Returns (folder, report, rebuilt); ``rebuilt`` is False when the folder was up to date.
     """
-    import pandas as pd
-
-    from datagen.output import write_report, write_table
-
     if kind not in KINDS:
         raise ConfigError(f"unknown datagen kind '{kind}' (safety or domain)")
     if getattr(recipe, kind) is None:
         raise ConfigError(f"the recipe has no '{kind}' section")
     folder = Path(out) if out is not None else Path("runs") / recipe.name
+    with FolderLock(folder, "datagen folder"):  # one writer per folder
+        return _build(recipe, kind, folder, force)
+
+
+def _build(recipe: DatagenRecipe, kind: str, folder: Path, force: bool) -> tuple[Path, dict[str, Any], bool]:
+    import pandas as pd
+
+    from datagen.output import write_report, write_table
+
     stamp_file = folder / f"{kind}-recipe.yaml"
     stamp = _stamp(recipe, kind)
     if stamp_file.exists():

@@ -19,6 +19,7 @@ Factors are named as in the recipe (``fitness.lambda``, ``search.steps``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, JudgeConfig, evaluator_for, format_table, is_zoo_ref
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
+from evomerge.runfolder import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -200,50 +202,55 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     config = eval_config or eval_config_for(base)
     spec = {"recipe": str(recipe_path), "overrides": overrides, "factors": [
         {"name": f.name, "path": f.path, "values": list(f.values)} for f in factors], "eval": config.model_dump()}
-    folder.mkdir(parents=True, exist_ok=True)  # only once every grid point is known to be valid
-    spec_path = folder / "ablation.yaml"
-    if spec_path.exists() and yaml.safe_load(spec_path.read_text()) != json.loads(json.dumps(spec)):
-        raise ConfigError(f"{folder} holds a different ablation (see {spec_path}); use another folder")
-    atomic_write_text(spec_path, yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
+    # only once every grid point is known to be valid. With the default SQLite study this
+    # process is the folder's one writer; workers sharing --storage each lock only the grid
+    # points they run (every run folder is locked by its search)
+    lock = FolderLock(folder, "ablation folder") if storage is None else contextlib.nullcontext()
+    with lock:
+        folder.mkdir(parents=True, exist_ok=True)
+        spec_path = folder / "ablation.yaml"
+        if spec_path.exists() and yaml.safe_load(spec_path.read_text()) != json.loads(json.dumps(spec)):
+            raise ConfigError(f"{folder} holds a different ablation (see {spec_path}); use another folder")
+        atomic_write_text(spec_path, yaml.safe_dump(json.loads(json.dumps(spec)), sort_keys=False))
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store, owned = _storage(storage, folder)
-    grid = {f.name: list(f.values) for f in factors}
-    study = optuna.create_study(study_name=study_name or "ablation", storage=store,
-                                sampler=optuna.samplers.GridSampler(grid, seed=0), load_if_exists=True)
-    evaluator = evaluator_for([base.pool.base, *base.pool.experts.values()], config)
-    total = math.prod(len(f.values) for f in factors)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        store, owned = _storage(storage, folder)
+        grid = {f.name: list(f.values) for f in factors}
+        study = optuna.create_study(study_name=study_name or "ablation", storage=store,
+                                    sampler=optuna.samplers.GridSampler(grid, seed=0), load_if_exists=True)
+        evaluator = evaluator_for([base.pool.base, *base.pool.experts.values()], config)
+        total = math.prod(len(f.values) for f in factors)
 
-    def objective(trial) -> float:
-        params = {f.name: trial.suggest_categorical(f.name, list(f.values)) for f in factors}
-        point = _point_name(params)
-        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-        log.info("ablation: grid point %s (%d of %d finished)", point, done, total)
-        search = load_search_recipe(recipe_path, [*overrides, *(f"{f.path}={_yaml(params[f.name])}" for f in factors),
-                                                  f"name={point}", *NO_HELDOUT_CHECK])
-        out = search_and_evaluate(search, folder / "runs" / point, evaluator, point)
-        for key, value in out.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("run_dir", str(folder / "runs" / point))
-        return float(out.get("alignment", float("nan")))
+        def objective(trial) -> float:
+            params = {f.name: trial.suggest_categorical(f.name, list(f.values)) for f in factors}
+            point = _point_name(params)
+            done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+            log.info("ablation: grid point %s (%d of %d finished)", point, done, total)
+            search = load_search_recipe(recipe_path, [*overrides, *(f"{f.path}={_yaml(params[f.name])}" for f in factors),
+                                                      f"name={point}", *NO_HELDOUT_CHECK])
+            out = search_and_evaluate(search, folder / "runs" / point, evaluator, point)
+            for key, value in out.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("run_dir", str(folder / "runs" / point))
+            return float(out.get("alignment", float("nan")))
 
-    from optuna.trial import TrialState
+        from optuna.trial import TrialState
 
-    started = time.perf_counter()
-    with sharing_preparation():
-        while True:
-            retried = _requeue(study, factors, owned)
-            if retried:
-                log.info("ablation: %d interrupted or failed grid point(s) queued again", retried)
-            states = _states_by_point(study, factors).values()
-            if all(TrialState.COMPLETE in s for s in states):
-                break
-            if not any(not s & {TrialState.COMPLETE, TrialState.RUNNING} for s in states):
-                log.info("ablation: the remaining grid points are running in other workers")
-                break
-            study.optimize(objective, n_trials=1)
-    log.info("ablation: grid finished in %.1f s", time.perf_counter() - started)
-    return write_ablation_report(study, factors, folder, config)
+        started = time.perf_counter()
+        with sharing_preparation():
+            while True:
+                retried = _requeue(study, factors, owned)
+                if retried:
+                    log.info("ablation: %d interrupted or failed grid point(s) queued again", retried)
+                states = _states_by_point(study, factors).values()
+                if all(TrialState.COMPLETE in s for s in states):
+                    break
+                if not any(not s & {TrialState.COMPLETE, TrialState.RUNNING} for s in states):
+                    log.info("ablation: the remaining grid points are running in other workers")
+                    break
+                study.optimize(objective, n_trials=1)
+        log.info("ablation: grid finished in %.1f s", time.perf_counter() - started)
+        return write_ablation_report(study, factors, folder, config)
 
 
 def _yaml(value: Any) -> str:

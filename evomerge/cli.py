@@ -46,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvomergeError as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # every writer is atomic and run folders checkpoint per generation: nothing to undo
+        print("evomerge: interrupted; finished work is saved (a search continues with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

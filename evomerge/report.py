@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.errors import ConfigError
 from evomerge.evaluation import Candidate, EvalConfig, Evaluator, evaluator_for, format_table
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
+from evomerge.runfolder import FolderLock, check_name
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Targets(BaseModel):
 class ReportRecipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = "table1"
+    name: str = "table1"  # the default report folder: runs/<name>
     search: str  # the search recipe every row starts from (pool, data, fitness, budget)
     overrides: list[str] = []  # key=value applied to every search (e.g. search.steps=15)
     methods: dict[str, dict[str, Any]] = Field(
@@ -75,6 +76,7 @@ class ReportRecipe(BaseModel):
     def _check(self) -> ReportRecipe:
         from evomerge.merge.methods import get_method, parse_options
 
+        check_name(self.name, "name")
         if not self.methods:
             raise ValueError("methods: at least one merge method is needed")
         for method, options in self.methods.items():
@@ -134,7 +136,9 @@ def search_and_evaluate(search, run_dir: Path, evaluator: Evaluator, label: str)
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     # a finished search resumes to its end at once; an interrupted one continues exactly
-    resume = (run_dir / "checkpoint.pkl").exists()
+    from evomerge.search.run import RunDir
+
+    resume = RunDir(run_dir).has_checkpoint()
     result = run_search(search, run_dir, resume=resume, force=run_dir.exists() and not resume, progress=False)
     search_s = time.perf_counter() - t0
     ev, best = result.evaluator, result.best
@@ -168,7 +172,7 @@ def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluato
     twin = folder / "searches" / f"{method}-safety-aware"
     if row == "safety-aware+select" and not run_dir.exists() and (twin / "summary.json").exists():
         # the same search as the safety-aware row: continue a copy of it; only the choice differs
-        shutil.copytree(twin, run_dir, ignore=shutil.ignore_patterns("evaluation.json", "selection.csv", "model"))
+        shutil.copytree(twin, run_dir, ignore=shutil.ignore_patterns("evaluation.json", "selection.csv", "model", ".evomerge.lock"))
     out = search_and_evaluate(search, run_dir, evaluator, label)
     return {**out, "method": "-" if row in METHOD_FREE_ROWS else method, "search": row}
 
@@ -333,24 +337,24 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
     evaluator = evaluator_for([search_recipe.pool.base, *search_recipe.pool.experts.values()], recipe.eval)
     domains = list(search_recipe.data.domain)
     folder = Path(out) if out else Path(runs_root) / recipe.name
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "report_recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    rows = _pool_rows(recipe, search_recipe, folder, evaluator)
-    with sharing_preparation():  # the rows of one method share its merge cache and the tokenised data
-        for i, (method, row) in enumerate(cells, 1):
-            log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(cells), method, row)
-            rows.append(_run_one(recipe, method, row, folder, evaluator))
-    table = pd.DataFrame(rows)
-    front = ["method", "search", "model", "alignment", "over_refusal"] + [f"acc_{d}" for d in domains]
-    table = table[[c for c in front if c in table.columns] + [c for c in table.columns if c not in front]]
-    checks = target_checks(table, domains, recipe.targets)
-    seconds = time.perf_counter() - start
-    atomic_write_text(folder / "table1.csv", table.to_csv(index=False))
-    atomic_write_text(folder / "table1.md", format_table(display_table(table)) + "\n")
-    if not checks.empty:
-        atomic_write_text(folder / "targets.csv", checks.to_csv(index=False))
-    pareto_plot(table, domains, folder / "pareto.png", f"{recipe.name}: alignment vs domain accuracy")
-    markdown = _markdown(recipe, search_recipe, table, checks, evaluator, seconds)
-    atomic_write_text(folder / "report.md", markdown + "\n")
-    log.info("wrote %s", folder)
-    return ReportResult(folder, table, checks, markdown, seconds)
+    with FolderLock(folder, "report folder"):  # one report writer per folder
+        atomic_write_text(folder / "report_recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        rows = _pool_rows(recipe, search_recipe, folder, evaluator)
+        with sharing_preparation():  # the rows of one method share its merge cache and the tokenised data
+            for i, (method, row) in enumerate(cells, 1):
+                log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(cells), method, row)
+                rows.append(_run_one(recipe, method, row, folder, evaluator))
+        table = pd.DataFrame(rows)
+        front = ["method", "search", "model", "alignment", "over_refusal"] + [f"acc_{d}" for d in domains]
+        table = table[[c for c in front if c in table.columns] + [c for c in table.columns if c not in front]]
+        checks = target_checks(table, domains, recipe.targets)
+        seconds = time.perf_counter() - start
+        atomic_write_text(folder / "table1.csv", table.to_csv(index=False))
+        atomic_write_text(folder / "table1.md", format_table(display_table(table)) + "\n")
+        if not checks.empty:
+            atomic_write_text(folder / "targets.csv", checks.to_csv(index=False))
+        pareto_plot(table, domains, folder / "pareto.png", f"{recipe.name}: alignment vs domain accuracy")
+        markdown = _markdown(recipe, search_recipe, table, checks, evaluator, seconds)
+        atomic_write_text(folder / "report.md", markdown + "\n")
+        log.info("wrote %s", folder)
+        return ReportResult(folder, table, checks, markdown, seconds)

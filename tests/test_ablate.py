@@ -102,7 +102,7 @@ def test_kill_9_then_resume_completes_the_grid(recipe, tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while len(list(folder.glob("runs/*/evaluation.json"))) < 1 or not list(folder.glob("runs/*/checkpoint.pkl"))[1:]:
+    while len(list(folder.glob("runs/*/evaluation.json"))) < 1 or not list(folder.glob("runs/*/checkpoint.json"))[1:]:
         assert proc.poll() is None, "the ablation ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)

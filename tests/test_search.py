@@ -24,6 +24,7 @@ from evomerge.merge import Genome
 from evomerge.search import (
     CandidateEvaluator,
     GenomeSpace,
+    RunDir,
     RunExistsError,
     answer_cross_entropy,
     encode_pairs,
@@ -251,7 +252,7 @@ def test_run_folder_contents_and_no_silent_overwrite(tmp_path, recipe_data, caps
     assert cli_main(["search", str(path), "search.steps=2", "--run-dir", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "best genome" in out and "fitness terms" in out and "refuses_unsafe" in out
-    for name in ("recipe.yaml", "candidates.parquet", "generations.csv", "checkpoint.pkl", "best_genome.yaml",
+    for name in ("recipe.yaml", "candidates.parquet", "generations.csv", "checkpoint.json", "best_genome.yaml",
                  "report.md", "fitness.png", "summary.json", "heldout.csv", "model/model.safetensors",
                  "model/mergekit_config.yml"):
         assert (run / name).exists(), name
@@ -327,9 +328,7 @@ def test_kill_9_then_resume_gives_the_same_run(tmp_path, recipe_data):
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    import pickle
-
-    state = pickle.loads((killed / "checkpoint.pkl").read_bytes())
+    state = RunDir(killed).load_checkpoint()
     assert not state.finished and 3 <= state.generation < 25  # really cut short
     subprocess.run(_cli(str(path), "--run-dir", str(killed), "--resume"), check=True, env=env, capture_output=True)
     pd.testing.assert_frame_equal(_table(killed), _table(tmp_path / "straight"))

@@ -116,3 +116,22 @@ def load_qa_set(name: str, source: str, prompt_field: str = "prompt", answer_fie
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"data set '{name}': {source} row {i} has an empty or non-text '{field}'")
     return QASet(name, str(path), tuple(rows), prompt_field, answer_field)
+
+
+def fingerprint(source: str) -> str:
+    """sha256 of a data file, or of every file in a ``datasets`` folder (names and bytes),
+    so a resumed search can tell that its data changed under it."""
+    import hashlib
+
+    path = Path(resolve_path(source))
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        try:
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot be read ({exc.strerror})") from None
+    return digest.hexdigest()

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io_utils import atomic_write_text
 from evomerge.merge import Genome
 from evomerge.search.backends import EvaluationBackend, make_backend
@@ -113,19 +113,54 @@ def run_search(
                 run_dir = root / f"{RunDir.new_id(recipe)}-{suffix}"
                 suffix += 1
     run = RunDir(run_dir)
-    state = run.open(recipe, resume, force)
+    state = run.open(recipe, resume, force)  # takes the folder's lock, held until the end
+    try:
+        return _run_locked(recipe, run, state, progress, write_outputs)
+    except BaseException:
+        run.discard_if_empty()  # a failure before the first generation leaves nothing behind
+        raise
+    finally:
+        run.close()
 
+
+def data_fingerprints(recipe: SearchRecipe) -> dict[str, str]:
+    """Data set -> sha256 of what the fitness reads (see :func:`evomerge.search.data.fingerprint`)."""
+    from evomerge.search.data import fingerprint
+
+    d = recipe.data
+    sources = {"safety": d.safety, "benign": d.benign} | {f"domain.{k}": v for k, v in d.domain.items()}
+    return {key: fingerprint(src) for key, src in sources.items() if src is not None}
+
+
+def _check_data(recipe: SearchRecipe, run: RunDir, state: SearchState, current: dict[str, str]) -> None:
+    changed = sorted(k for k in set(state.data) | set(current) if state.data.get(k) != current.get(k))
+    if changed:
+        where = {"safety": recipe.data.safety, "benign": recipe.data.benign,
+                 **{f"domain.{k}": v for k, v in recipe.data.domain.items()}}
+        names = ", ".join(f"data.{k} ({where.get(k, '?')})" for k in changed)
+        raise ConfigError(
+            f"--resume: {names} changed since {run.path} began (sha256 differs from its checkpoint); "
+            "resuming would mix scores on different data. Restore the file(s), or start over with --force"
+        )
+
+
+def _run_locked(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progress: bool,
+                write_outputs: bool) -> SearchResult:
+    fingerprints = data_fingerprints(recipe)
+    if state is not None:
+        _check_data(recipe, run, state, fingerprints)
     method, options = _method_for(recipe)
     backend = make_backend(recipe, method, options)
     try:
         space = GenomeSpace.from_recipe(recipe, backend.num_layers, method)
+        proposer = make_proposer(space, recipe)
         if state is None:
-            state = SearchState(mode=recipe.search.mode, proposer=make_proposer(space, recipe))
+            state = SearchState(mode=recipe.search.mode, data=fingerprints)
         else:
             log.info("resuming %s after generation %d (%d candidates)", run.path, state.generation,
                      len(state.candidates))
+            replay(proposer, state, space, run)
         state.finished = False
-        proposer = state.proposer
         _loop(recipe, run, state, proposer, backend, space, progress)
     finally:
         backend.close()  # workers' caches and models are freed before the finish steps
@@ -140,6 +175,7 @@ def run_search(
                                               list(space.expert_names), best_i)
         atomic_write_text(run / "selection.csv", pd.DataFrame(records).to_csv(index=False))
     best = state.candidates[best_i]
+    _check_best_is_finite(best, state)
     best_genome = Genome.from_values(**_genome_fields(best), expert_names=list(space.expert_names))
     result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s)
     atomic_write_text(run / "best_genome.yaml", yaml.safe_dump(
@@ -150,6 +186,46 @@ def run_search(
 
         finish_run(result, recipe, method, options)
     return result
+
+
+def _check_best_is_finite(best: dict[str, Any], state: SearchState) -> None:
+    """A best candidate whose loss is NaN/Inf is no result: refuse instead of writing it."""
+    if math.isfinite(best["fitness"]):
+        return
+    n_bad = sum(not math.isfinite(r["fitness"]) for r in state.candidates)
+    raise EvomergeError(
+        f"no usable candidate: {n_bad} of {len(state.candidates)} candidates have a non-finite loss, including "
+        f"the best (#{best['index']}); check the pool's weights and the data. The run's tables are kept; "
+        "no best genome or model was written"
+    )
+
+
+def _scored_from_row(row: dict[str, Any]) -> Scored:
+    terms = {k: v for k, v in row.items() if k.startswith("ce_") or k == "n_nonfinite"}
+    return Scored(row["fitness"], terms, row["build_s"], row["score_s"])
+
+
+def replay(proposer, state: SearchState, space: GenomeSpace, run: RunDir) -> None:
+    """Bring a fresh proposer to where the checkpointed run left it: for every recorded
+    generation, the same calls as the loop made (stop check, ask, tell) with the recorded
+    fitness values. Every proposer is deterministic given its seed and what it was told,
+    so this reproduces its state exactly; a genome that differs from the record means the
+    checkpoint does not belong to this recipe (or evomerge version) and is refused."""
+    by_generation: dict[int, list[dict[str, Any]]] = {}
+    for row in state.candidates:
+        by_generation.setdefault(int(row["generation"]), []).append(row)
+    names = list(space.expert_names)
+    for g in range(state.generation):
+        rows = by_generation.get(g, [])
+        proposer.internal_stop()
+        genomes = proposer.ask()
+        recorded = [r["genome"] for r in rows]
+        if [json.dumps(x.to_dict(names)) for x in genomes] != recorded:
+            raise ConfigError(
+                f"{run / 'checkpoint.json'}: generation {g} does not replay to the recorded genomes; the checkpoint "
+                "was written by another evomerge version or edited. Start over with --force"
+            )
+        proposer.tell(genomes, [_scored_from_row(r) for r in rows], [r["fitness"] for r in rows])
 
 
 def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Who proposes the next candidates: CMA-ES, a grid, or LM-Cocktail.
 
 Every search mode is a proposer over the same evaluator and data, so baselines differ
-from the main search only in how genomes are chosen. A proposer is pickled into the
-run's checkpoint whole, which is how a resumed run continues exactly.
+from the main search only in how genomes are chosen. A proposer is deterministic given
+the recipe's seed and the fitness values it is told, which is how a resumed run continues
+exactly: the checkpoint records those values and a resume replays them
+(``evomerge.search.loop.replay``); nothing executable is ever stored.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ class StandardNormal:
     """pycma's ``randn(lam, N)`` backed by a generator the search owns.
 
     Why: pycma's default is ``np.random.randn``, a method of numpy's global generator;
-    pickling the optimiser copies that generator's state *at pickling time*, whatever
-    else in the process moved it, so a resumed run would sample differently. This object
-    travels inside the checkpoint with exactly the state the search left it in.
+    anything else in the process that draws from it would shift the search's samples, and
+    a replayed resume would not retrace the run. This generator is seeded by the recipe
+    and touched by nothing but the proposer.
     """
 
     def __init__(self, seed: int) -> None:
