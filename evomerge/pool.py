@@ -13,6 +13,7 @@ bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from evomerge.errors import CheckpointPolicyError, PoolCompatibilityError
+from evomerge.errors import CheckpointPolicyError, EvomergeError, PoolCompatibilityError
+
+
+class UnreadableModelError(CheckpointPolicyError):
+    """A model file is missing, truncated or corrupted (named with its model)."""
+
+
+class NonFiniteWeightsError(CheckpointPolicyError):
+    """A model tensor holds NaN or Inf values: every merge of it would too."""
+
+
+class TokenizerUnavailableError(PoolCompatibilityError):
+    """A model's tokenizer cannot be loaded (no tokenizer files, or its custom code is refused)."""
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -109,25 +122,91 @@ def weight_files(model_dir: Path, allow_pickle: bool = False) -> tuple[str, list
         if not allow_pickle:
             raise CheckpointPolicyError(
                 f"{model_dir}: only pickle weights found ({', '.join(p.name for p in pickle_files)}). "
-                "Pickle files can execute code when loaded; convert them to safetensors, or pass "
-                "allow_pickle=True (CLI: --allow-pickle) if you trust their source."
+                "Pickle files can execute code when loaded; convert them to safetensors, or, if you trust "
+                "their source, pass --allow-pickle (evomerge merge, pool check; LoadOptions(allow_pickle=True) "
+                "in Python). evomerge search reads safetensors only."
             )
         return "pickle", pickle_files
     raise CheckpointPolicyError(f"{model_dir}: no weights found (*.safetensors or *.bin)")
 
 
+REMOTE_CODE_HINT = ("custom code is refused by default because it runs on load; if you trust it, pass "
+                    "--trust-remote-code (merge, pool check) or LoadOptions(trust_remote_code=True)")
+
+
+def _custom_code(folder: Path, filename: str) -> bool:
+    try:
+        return "auto_map" in json.loads((folder / filename).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_config(ref: ModelRef | str, options: LoadOptions | None = None) -> Any:
+    """The model's config; a missing or broken ``config.json`` and refused custom code are
+    named (file and model) instead of surfacing as a transformers traceback."""
     from transformers import AutoConfig
 
     options = options or LoadOptions()
-    return AutoConfig.from_pretrained(resolve_model_dir(ref, options), trust_remote_code=options.trust_remote_code)
+    folder = resolve_model_dir(ref, options)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UnreadableModelError(f"{ref}: no config.json in {folder} (a model folder needs one)")
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnreadableModelError(f"{ref}: {path} is not valid JSON ({exc})") from None
+    if _custom_code(folder, "config.json") and not options.trust_remote_code:
+        raise CheckpointPolicyError(f"{ref}: config.json asks for custom model code (auto_map); {REMOTE_CODE_HINT}")
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnreadableModelError(f"{ref}: {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
 def load_tokenizer(ref: ModelRef | str, options: LoadOptions | None = None) -> Any:
+    """The model's tokenizer, or :class:`TokenizerUnavailableError` naming the model and why."""
     from transformers import AutoTokenizer
 
     options = options or LoadOptions()
-    return AutoTokenizer.from_pretrained(resolve_model_dir(ref, options), trust_remote_code=options.trust_remote_code)
+    folder = resolve_model_dir(ref, options)
+    if _custom_code(folder, "tokenizer_config.json") and not options.trust_remote_code:
+        raise TokenizerUnavailableError(f"{ref}: the tokenizer asks for custom code (auto_map); {REMOTE_CODE_HINT}")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, EvomergeError) as exc:
+        raise TokenizerUnavailableError(
+            f"{ref}: no usable tokenizer in {folder} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+        ) from None
+
+
+@contextlib.contextmanager
+def reading(path: Path | str, model: str) -> Iterator[None]:
+    """Turn a low-level read failure inside the block into an error naming file and model."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
+        if isinstance(exc, EvomergeError):
+            raise
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UnreadableModelError(
+            f"model '{model}': {path} cannot be read ({reason}); the file is truncated, corrupted or not a "
+            "checkpoint: download or save it again"
+        ) from None
+
+
+def check_finite(tensor: torch.Tensor, name: str, model: str, path: Path | str) -> torch.Tensor:
+    """Refuse a floating tensor holding NaN/Inf: task arithmetic would spread it and TIES
+    would silently count it as zero."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        n_nan = int(torch.isnan(tensor).sum())
+        n_inf = int(torch.isinf(tensor).sum())
+        raise NonFiniteWeightsError(
+            f"model '{model}': tensor '{name}' in {path} holds {n_nan} NaN and {n_inf} Inf value(s); "
+            "refusing to merge non-finite weights"
+        )
+    return tensor
 
 
 def load_model(ref: ModelRef | str, options: LoadOptions | None = None) -> Any:
@@ -137,12 +216,14 @@ def load_model(ref: ModelRef | str, options: LoadOptions | None = None) -> Any:
     options = options or LoadOptions()
     model_dir = resolve_model_dir(ref, options)
     kind, _ = weight_files(model_dir, options.allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=getattr(torch, options.dtype),
-        use_safetensors=kind == "safetensors",
-        trust_remote_code=options.trust_remote_code,
-    )
+    load_config(str(model_dir), options)  # a missing config or refused custom code, by name
+    with reading(model_dir, str(ref)):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=getattr(torch, options.dtype),
+            use_safetensors=kind == "safetensors",
+            trust_remote_code=options.trust_remote_code,
+        )
     model.eval()
     return model
 
@@ -178,13 +259,19 @@ class ModelSource:
         if kind == "safetensors":
             index = self.folder / SAFETENSORS_INDEX
             if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                return {name: self.folder / fname for name, fname in weight_map.items()}
+                with reading(index, self.name):
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                    mapping = {str(name): self.folder / str(fname) for name, fname in weight_map.items()}
+                for path in sorted(set(mapping.values())):
+                    if path.parent != self.folder or not path.is_file():
+                        raise UnreadableModelError(f"model '{self.name}': {index} names {path.name}, "
+                                                   f"which is not a file in {self.folder}")
+                return mapping
             from safetensors import safe_open
 
-            mapping: dict[str, Path] = {}
+            mapping = {}
             for path in files:
-                with safe_open(str(path), framework="pt") as handle:
+                with reading(path, self.name), safe_open(str(path), framework="pt") as handle:
                     mapping.update({name: path for name in handle.keys()})
             return mapping
         return {name: Path("<pickle>") for name in self._pickle_state}
@@ -194,7 +281,8 @@ class ModelSource:
         # Only reached with allow_pickle=True; weights_only still blocks arbitrary objects.
         state: dict[str, torch.Tensor] = {}
         for path in self._weights[1]:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+            with reading(path, self.name):
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
         return state
 
     @property
@@ -202,13 +290,20 @@ class ModelSource:
         return list(self._tensor_files)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.tensor_spec(name)[0]
+
+    def tensor_spec(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype name) from the file header, without reading the data."""
         kind, _ = self._weights
         if kind == "pickle":
-            return tuple(self._pickle_state[name].shape)
+            t = self._pickle_state[name]
+            return tuple(t.shape), str(t.dtype).removeprefix("torch.")
         from safetensors import safe_open
 
-        with safe_open(str(self._tensor_files[name]), framework="pt") as handle:
-            return tuple(handle.get_slice(name).get_shape())
+        path = self._tensor_files[name]
+        with reading(path, self.name), safe_open(str(path), framework="pt") as handle:
+            sl = handle.get_slice(name)
+            return tuple(sl.get_shape()), str(sl.get_dtype())
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (memory-mapped for safetensors)."""
@@ -217,11 +312,16 @@ class ModelSource:
         except KeyError:
             raise PoolCompatibilityError(f"model '{self.name}' ({self.ref}) has no tensor '{name}'") from None
         if self._weights[0] == "pickle":
-            return self._pickle_state[name]
+            return check_finite(self._pickle_state[name], name, self.name, path)
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name)
+        with reading(path, self.name), safe_open(str(path), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        return check_finite(tensor, name, self.name, path)
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.upper().startswith(("F", "BF")) or dtype.startswith(("float", "bfloat"))
 
 
 def _architecture(config: Any) -> str:
@@ -292,13 +392,18 @@ class Pool:
                     f"that '{ref.name}' lacks ({len(extra)} extra in all)"
                 )
         for name in ref_names:
-            shape = ref.tensor_shape(name)
+            shape, dtype = ref.tensor_spec(name)
             for other in self.experts:
-                other_shape = other.tensor_shape(name)
+                other_shape, other_dtype = other.tensor_spec(name)
                 if other_shape != shape:
                     raise PoolCompatibilityError(
                         f"shape mismatch in tensor '{name}': '{other.name}' has {list(other_shape)}, "
                         f"'{ref.name}' has {list(shape)}"
+                    )
+                if _is_float(other_dtype) != _is_float(dtype):
+                    raise PoolCompatibilityError(
+                        f"dtype mismatch in tensor '{name}': '{other.name}' stores {other_dtype}, "
+                        f"'{ref.name}' stores {dtype} (floating and integer tensors cannot be merged)"
                     )
         ref_vocab = ref.tokenizer.get_vocab()
         for other in self.experts:
@@ -325,6 +430,13 @@ class Pool:
                         f"chat template mismatch: expert '{other.name}' has no chat template "
                         f"but '{first.name}' has one"
                     )
+
+    def check_weights(self) -> None:
+        """Read every tensor of every member once: unreadable data and NaN/Inf are named
+        (``pool check`` runs this; merges and searches meet the same checks as they read)."""
+        for member in self.members:
+            for name in member.tensor_names:
+                member.get_tensor(name)
 
     def iter_task_vectors(
         self, names: Sequence[str] | None = None

@@ -22,6 +22,7 @@ def run_check(args: argparse.Namespace) -> int:
     options = LoadOptions(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     pool = Pool.from_refs(args.base, args.experts, options)
     pool.check_compatibility()
+    pool.check_weights()  # every tensor read once: truncated files and NaN/Inf are named
     n_tensors = len(pool.base.tensor_names)
-    print(f"ok: base + {len(pool.experts)} experts agree on {n_tensors} tensors, vocabulary and chat template")
+    print(f"ok: base + {len(pool.experts)} experts agree on {n_tensors} tensors (all finite), vocabulary and chat template")
     return 0

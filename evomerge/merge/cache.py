@@ -82,6 +82,8 @@ def _specs(pool: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return pool.tensor_specs()
     from safetensors import safe_open
 
+    from evomerge.pool import reading
+
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     kind, _ = pool.base._weights
     for name, path in pool.base._tensor_files.items():
@@ -89,7 +91,7 @@ def _specs(pool: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
             t = pool.base.get_tensor(name)
             specs[name] = (tuple(t.shape), t.dtype)
             continue
-        with safe_open(str(path), framework="pt") as handle:
+        with reading(path, pool.base.name), safe_open(str(path), framework="pt") as handle:
             sl = handle.get_slice(name)
             specs[name] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
     return specs

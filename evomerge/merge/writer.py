@@ -23,8 +23,8 @@ from evomerge.merge.cache import build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
-from evomerge.errors import ConfigError
-from evomerge.pool import LoadOptions, Pool
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.pool import LoadOptions, Pool, TokenizerUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,20 @@ def write_merged_model(
     pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
     try:
         pool.check_compatibility()
-    except (OSError, ValueError) as exc:  # models without tokenizer files: tensors were already checked
-        log.warning("could not compare tokenizers (%s); tensor names and shapes were checked", exc)
+    except TokenizerUnavailableError as exc:
+        # tokenizers are compared last, so architecture, tensor names, shapes and dtypes
+        # were all checked; a merge only copies the base's tokenizer files
+        log.warning("%s; vocabulary and chat template not compared (architecture, tensor names, shapes and "
+                    "dtypes were checked)", exc)
     g = resolve_genome(recipe, pool, genome)
     # one build only: compiling the fused kernels would cost more than it saves
     cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     state = build(cache, g, dtype=dtype)
+    for name, tensor in state.items():  # the inputs are finite; an output dtype can still overflow
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise EvomergeError(f"the merge of tensor '{name}' is not finite (NaN/Inf) at this genome"
+                                + (f" in {recipe.dtype}" if recipe.dtype else "") + "; nothing was written")
     mk_yaml, why_not = to_mergekit(recipe, g)
     from safetensors.torch import save_file
 

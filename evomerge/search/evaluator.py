@@ -234,6 +234,6 @@ def _vllm_scorer(base: str, dtype: str, seed: int, options: dict[str, Any], load
 
 
 def _load_config(base: str) -> Any:
-    from transformers import AutoConfig
+    from evomerge.pool import load_config
 
-    return AutoConfig.from_pretrained(base)
+    return load_config(base)

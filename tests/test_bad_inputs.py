@@ -1,0 +1,155 @@
+"""Fuzz-style sweep over broken model folders (issue #17): for every case, ``pool check``
+and ``merge`` exit 2 with a message naming the culprit, print no traceback and leave
+nothing behind. Micro models; each case is a copy edited one way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.cli import main as cli_main
+
+TENSOR = "model.layers.0.mlp.up_proj.weight"
+
+
+def _weights(folder: Path) -> Path:
+    return folder / "model.safetensors"
+
+
+def _edit(folder: Path, edit) -> None:
+    state = load_file(_weights(folder))
+    edit(state)
+    save_file(state, _weights(folder), metadata={"format": "pt"})
+
+
+def _set(name: str, fn):
+    return lambda s: s.__setitem__(name, fn(s[name]))
+
+
+def _truncate(folder: Path) -> None:
+    data = _weights(folder).read_bytes()
+    _weights(folder).write_bytes(data[: len(data) // 2])
+
+
+def _garbage_header(folder: Path) -> None:
+    data = _weights(folder).read_bytes()
+    _weights(folder).write_bytes(b"\xff" * 16 + data[16:])
+
+
+def _auto_map(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.Config"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _sharded_with_missing_shard(folder: Path) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {TENSOR: "model-00002-of-00002.safetensors"}}))
+
+
+def _pickle_only(folder: Path) -> None:
+    torch.save(load_file(_weights(folder)), folder / "pytorch_model.bin")
+    _weights(folder).unlink()
+
+
+# (model edited, edit, text the error must contain besides the model's path)
+CASES = {
+    "truncated": ("expert_a", _truncate, "cannot be read"),
+    "corrupted-header": ("base", _garbage_header, "cannot be read"),
+    "empty-file": ("expert_b", lambda f: _weights(f).write_bytes(b""), "cannot be read"),
+    "wrong-dtype": ("expert_b", _set(TENSOR, lambda t: t.to(torch.int64)), f"dtype mismatch in tensor '{TENSOR}'"),
+    "nan": ("expert_a", _set(TENSOR, lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))), "NaN"),
+    "inf": ("base", _set(TENSOR, lambda t: t.index_fill(0, torch.tensor([1]), float("inf"))), "Inf"),
+    "shape": ("expert_a", _set(TENSOR, lambda t: t[:-1].clone()), f"shape mismatch in tensor '{TENSOR}'"),
+    "extra-tensor": ("expert_a", lambda s: None, "extra tensor"),
+    "missing-config": ("base", lambda f: (f / "config.json").unlink(), "no config.json"),
+    "bad-config-json": ("expert_b", lambda f: (f / "config.json").write_text("{oops"), "not valid JSON"),
+    "custom-code": ("expert_a", _auto_map, "custom model code"),
+    "missing-weights": ("expert_b", lambda f: _weights(f).unlink(), "no weights found"),
+    "missing-shard": ("expert_a", _sharded_with_missing_shard, "model-00002-of-00002.safetensors"),
+    "pickle-only": ("expert_b", _pickle_only, "only pickle weights"),
+}
+STATE_EDITS = {"wrong-dtype", "nan", "inf", "shape"}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> dict[str, Path]:
+    from evomerge.testing import save_micro_model
+
+    root = tmp_path_factory.mktemp("pristine")
+    return {name: save_micro_model(root / name, seed=i) for i, name in enumerate(("base", "expert_a", "expert_b"))}
+
+
+def _broken(case: str, pristine: dict[str, Path], root: Path) -> tuple[dict[str, Path], Path]:
+    pool = {name: Path(shutil.copytree(path, root / name)) for name, path in pristine.items()}
+    model, edit, _ = CASES[case]
+    if case == "extra-tensor":
+        _edit(pool[model], lambda s: s.__setitem__("model.extra.bias", torch.zeros(3)))
+    elif case in STATE_EDITS:
+        _edit(pool[model], edit)
+    else:
+        edit(pool[model])
+    return pool, pool[model]
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _assert_clean_refusal(rc: int, err: str, culprit: Path, needle: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err and err.startswith("evomerge: error:"), err
+    assert needle in err, err
+    assert str(culprit) in err or f"'{culprit.name}'" in err or culprit.name in err, err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pool_check_and_merge_refuse_cleanly(case, pristine, tmp_path, capsys):
+    pool, culprit = _broken(case, pristine, tmp_path)
+    needle = CASES[case][2]
+    rc = cli_main(["pool", "check", str(pool["base"]), str(pool["expert_a"]), str(pool["expert_b"])])
+    _assert_clean_refusal(rc, capsys.readouterr().err, culprit, needle)
+
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(pool["base"]), "experts": {"expert_a": str(pool["expert_a"]), "expert_b": str(pool["expert_b"])},
+        "method": "task_arithmetic", "genome": {"weights": {"expert_a": 0.5, "expert_b": 0.5}}}))
+    before = _listing(tmp_path)
+    rc = cli_main(["merge", str(recipe), "--out", str(tmp_path / "merged")])
+    _assert_clean_refusal(rc, capsys.readouterr().err, culprit, needle)
+    assert _listing(tmp_path) == before  # nothing half-written, no hidden temp folder
+
+
+@pytest.mark.parametrize("case", ["nan", "truncated", "missing-config"])
+def test_search_refuses_cleanly(case, pristine, tmp_path, micro_search, capsys):
+    pool, culprit = _broken(case, pristine, Path(tmp_path / "broken"))
+    micro_search["pool"] = {"base": str(pool["base"]),
+                            "experts": {"a": str(pool["expert_a"]), "b": str(pool["expert_b"])}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(micro_search))
+    rc = cli_main(["search", str(path), "--runs-root", str(tmp_path / "runs"), "--quiet"])
+    _assert_clean_refusal(rc, capsys.readouterr().err, culprit, CASES[case][2])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_search_whose_every_candidate_is_non_finite_fails_and_writes_no_model(tmp_path, micro_search, capsys):
+    """Finite but huge heads overflow every merge's logits: exit 2, no best genome, no model/."""
+    for name in ("a", "b"):
+        _edit(Path(micro_search["pool"]["experts"][name]),
+              _set("lm_head.weight", lambda t: torch.full_like(t, 1e38)))
+    micro_search |= {"merge": {"method": "task_arithmetic", "fused": False}, "write_model": True,
+                     "search": {"mode": "grid", "grid": {"weights": [1.0]}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(micro_search))
+    run = tmp_path / "run"
+    rc = cli_main(["search", str(path), "--run-dir", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable candidate" in err and "Traceback" not in err
+    assert (run / "candidates.parquet").exists()  # the record of what was tried is kept
+    assert not (run / "best_genome.yaml").exists() and not (run / "model").exists()
