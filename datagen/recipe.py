@@ -120,13 +120,20 @@ class DomainSpec(_Strict):
 
 
 class DatagenRecipe(_Strict):
-    name: str = "datagen"
+    name: str = "datagen"  # the default output folder: runs/<name>
     seed: int = 0
     backend: str = "transformers"
     device: str | None = None
     pool: dict[str, str] = {}  # models that answer the unsafe prompts
     safety: SafetySpec | None = None
     domain: DomainSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        from evomerge.runfolder import check_name
+
+        return check_name(v, "name")
 
     def to_yaml(self) -> str:
         import yaml

@@ -153,3 +153,58 @@ def test_search_whose_every_candidate_is_non_finite_fails_and_writes_no_model(tm
     assert rc == 2 and "no usable candidate" in err and "Traceback" not in err
     assert (run / "candidates.parquet").exists()  # the record of what was tried is kept
     assert not (run / "best_genome.yaml").exists() and not (run / "model").exists()
+
+
+# ----------------------------------------------------------------------------- odd paths
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", ".hidden", "a/b", ""])
+def test_recipe_names_cannot_leave_the_runs_root(name, tmp_path, micro_search, capsys):
+    from datagen.recipe import datagen_recipe_from_dict
+    from evomerge.errors import ConfigError
+    from evomerge.report import ReportRecipe
+    from evomerge.search import recipe_from_dict
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(micro_search | {"name": name}))
+    assert cli_main(["search", str(path), "--runs-root", str(tmp_path / "runs"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "name:" in err and "cannot be used as a folder name" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "x").exists()
+    for make in (lambda: recipe_from_dict(micro_search | {"name": name}),
+                 lambda: datagen_recipe_from_dict({"name": name}),
+                 lambda: ReportRecipe.model_validate({"name": name, "search": "s.yaml"})):
+        with pytest.raises(ConfigError, match="cannot be used as a folder name"):
+            make()
+
+
+def _merge_recipe(tmp_path: Path, pool: dict[str, Path]) -> Path:
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(pool["base"]), "experts": {"a": str(pool["expert_a"]), "b": str(pool["expert_b"])},
+        "method": "ties", "genome": {"weights": {"a": 0.5, "b": 0.5}, "densities": {"a": 0.5, "b": 0.5}}}))
+    return recipe
+
+
+@pytest.mark.parametrize("out", [".", "base", "expert_a", "EXPERT_PARENT"])
+def test_merge_never_replaces_an_input_or_the_current_folder(out, tmp_path, micro_pool, monkeypatch, capsys):
+    monkeypatch.chdir(micro_pool["base"].parent)
+    recipe = _merge_recipe(tmp_path, micro_pool)
+    target = str(micro_pool["base"].parent) if out == "EXPERT_PARENT" else out
+    before = {p: (p / "model.safetensors").read_bytes() for p in micro_pool.values()}
+    assert cli_main(["merge", str(recipe), "--out", target, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("current folder" in err or "would destroy the input" in err), err
+    assert {p: (p / "model.safetensors").read_bytes() for p in micro_pool.values()} == before
+
+
+def test_a_killed_merge_leaves_no_temp_folder_behind(tmp_path, micro_pool):
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".merged.tmp-{dead.stdout.strip()}-abc123"  # what kill -9 mid-write leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    assert cli_main(["merge", str(_merge_recipe(tmp_path, micro_pool)), "--out", str(out)]) == 0
+    assert not stale.exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []

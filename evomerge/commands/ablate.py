@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts:
         config = config.model_copy(update={"sets": list(args.prompts)})
         config.prompt_sets()  # named sets checked now, not after the first search
-    out = Path(args.out) if args.out else Path("runs") / f"ablate-{search.name}-{'-'.join(f.name for f in factors)}"
+    from evomerge.runfolder import check_name
+
+    default = f"ablate-{search.name}-{'-'.join(f.name for f in factors)}"
+    out = Path(args.out) if args.out else Path("runs") / check_name(default, "--over factor names")
     result = run_ablation(args.recipe, factors, out, args.overrides, args.storage, config, args.study)
     print(result.markdown)
     print(f"\nablation folder: {result.folder}")

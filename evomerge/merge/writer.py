@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from evomerge.io_utils import atomic_directory
+from evomerge.io_utils import atomic_directory, check_replaceable
 from evomerge.merge.cache import build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
@@ -123,9 +123,11 @@ def write_merged_model(
     at the end, so a failure leaves nothing behind.
     """
     out_dir = Path(out_dir)
+    pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
+    inputs = [m.folder for m in pool.members]
+    check_replaceable(out_dir, inputs)  # before any work: never --out . or an input's folder
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
     try:
         pool.check_compatibility()
     except TokenizerUnavailableError as exc:
@@ -145,7 +147,7 @@ def write_merged_model(
     mk_yaml, why_not = to_mergekit(recipe, g)
     from safetensors.torch import save_file
 
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, protected=inputs) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = json.loads((pool.base.folder / "config.json").read_text())
         if recipe.dtype:

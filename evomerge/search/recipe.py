@@ -167,7 +167,7 @@ class EvaluateSpec(_Strict):
 
 
 class SearchRecipe(_Strict):
-    name: str = "search"
+    name: str = "search"  # run folders are <runs-root>/<name>-<timestamp>: one folder name, never a path
     seed: int = 0
     pool: PoolSpec
     merge: MergeSpec = MergeSpec()
@@ -176,6 +176,13 @@ class SearchRecipe(_Strict):
     search: SearchSpec = SearchSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     write_model: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        from evomerge.runfolder import check_name
+
+        return check_name(v, "name")
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchRecipe:
