@@ -17,3 +17,30 @@ class PoolCompatibilityError(EvomergeError):
 
 class ConfigError(EvomergeError):
     """A recipe or config field is invalid."""
+
+
+def check_device(device: object, where: str = "device", available: bool = True) -> object:
+    """A torch device this machine can use, or a :class:`ConfigError` naming the field.
+
+    ``available=False`` checks the spelling only (a recipe may be written on one machine
+    and run on another); the search and merge check availability where they use it.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{where}: '{device}' is not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{where}: device type '{dev.type}' is not supported (cpu, cuda, cuda:N, mps)")
+    if not available:
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: '{device}' needs CUDA, which this machine (torch {torch.__version__}) "
+                              "does not have; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}: '{device}' but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{where}: '{device}' needs Apple MPS, which this machine does not have; use cpu")
+    return dev

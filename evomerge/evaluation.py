@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError
 from evomerge.refusal import is_refusal
@@ -132,6 +132,14 @@ class EvalConfig(BaseModel):
     backend: str = "transformers"  # a generation backend by name (evomerge.generation.GENERATORS)
     device: str = "cpu"
     dtype: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, v: str) -> str:
+        from evomerge.errors import check_device
+
+        check_device(v, "device")
+        return v
 
     @classmethod
     def for_zoo(cls, **kwargs: Any) -> EvalConfig:

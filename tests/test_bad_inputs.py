@@ -126,7 +126,7 @@ def test_pool_check_and_merge_refuse_cleanly(case, pristine, tmp_path, capsys):
     assert _listing(tmp_path) == before  # nothing half-written, no hidden temp folder
 
 
-@pytest.mark.parametrize("case", ["nan", "truncated", "missing-config"])
+@pytest.mark.parametrize("case", ["nan", "truncated", "missing-config", "custom-code", "pickle-only"])
 def test_search_refuses_cleanly(case, pristine, tmp_path, micro_search, capsys):
     pool, culprit = _broken(case, pristine, Path(tmp_path / "broken"))
     micro_search["pool"] = {"base": str(pool["base"]),
@@ -208,3 +208,21 @@ def test_a_killed_merge_leaves_no_temp_folder_behind(tmp_path, micro_pool):
     assert cli_main(["merge", str(_merge_recipe(tmp_path, micro_pool)), "--out", str(out)]) == 0
     assert not stale.exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+# ----------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("device,needle", [("banana", "is not a device"), ("cuda:99", "cuda:99"),
+                                           ("xla", "not supported")])
+def test_bad_devices_are_named_not_tracebacks(device, needle, tmp_path, micro_pool, micro_search, capsys):
+    out = tmp_path / "merged"
+    assert cli_main(["merge", str(_merge_recipe(tmp_path, micro_pool)), "--out", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and needle in err and "Traceback" not in err and not out.exists()
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(micro_search))
+    run = tmp_path / "run"
+    assert cli_main(["search", str(path), f"fitness.device={device}", "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fitness.device" in err and needle in err and "Traceback" not in err and not run.exists()
+    assert cli_main(["eval", str(micro_pool["base"]), "--device", device, "--prompts", "benign:x.jsonl"]) == 2
+    assert "device" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, check_device
 from evomerge.merge.fused import fused_enabled
 from evomerge.merge.genome import Genome
 from evomerge.merge.methods import Candidate, MergeMethod, MethodOptions, TensorInfo, get_method, parse_options
@@ -339,6 +339,7 @@ def prepare(
     """
     if cache_dtype not in CACHE_DTYPES:
         raise EvomergeError(f"cache_dtype must be one of {', '.join(map(str, CACHE_DTYPES))}, got {cache_dtype}")
+    check_device(device)
     impl = get_method(method)
     opts = parse_options(method, options)
     names = list(pool.expert_names)

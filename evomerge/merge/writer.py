@@ -23,7 +23,7 @@ from evomerge.merge.cache import build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, check_device
 from evomerge.pool import LoadOptions, Pool, TokenizerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def write_merged_model(
     at the end, so a failure leaves nothing behind.
     """
     out_dir = Path(out_dir)
+    check_device(device, "--device")
     pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
     inputs = [m.folder for m in pool.members]
     check_replaceable(out_dir, inputs)  # before any work: never --out . or an input's folder

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, check_device
 from evomerge.merge import Genome, build, prepare
 from evomerge.pool import LoadOptions, Pool, load_model, load_tokenizer
 from evomerge.search.data import QASet, load_qa_set, resolve_path
@@ -113,6 +113,7 @@ class CandidateEvaluator:
         self.recipe = recipe
         self.method = method or recipe.merge.method
         fit = recipe.fitness
+        check_device(fit.device, "fitness.device")
         base, experts = resolved_pool_refs(recipe)
         started = time.perf_counter()
         opts = recipe.merge.options if options is None else options

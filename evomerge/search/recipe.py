@@ -74,6 +74,14 @@ class DataSpec(_Strict):
 class FitnessSpec(_Strict):
     """fitness = lambda * CE_domain + (1 - lambda) * CE_safety + mu * CE_benign."""
 
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, v: str) -> str:
+        from evomerge.errors import check_device
+
+        check_device(v, "fitness.device", available=False)
+        return v
+
     lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0)
     mu: float = Field(0.0, ge=0.0)
     n_samples: int = Field(100, gt=0)
@@ -84,7 +92,7 @@ class FitnessSpec(_Strict):
     max_batch_tokens: int = Field(16384, gt=0)
     max_length: int = Field(2048, gt=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    device: str = "cpu"  # spelling checked here; availability when the search starts (CandidateEvaluator)
     # who scores: a live transformers model, or a vLLM engine the candidates are swapped into
     backend: Literal["transformers", "vllm"] = "transformers"
     engine_options: dict[str, Any] = {}  # extra vLLM engine arguments (gpu_memory_utilization, ...)
