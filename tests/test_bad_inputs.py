@@ -226,3 +226,31 @@ def test_bad_devices_are_named_not_tracebacks(device, needle, tmp_path, micro_po
     assert "fitness.device" in err and needle in err and "Traceback" not in err and not run.exists()
     assert cli_main(["eval", str(micro_pool["base"]), "--device", device, "--prompts", "benign:x.jsonl"]) == 2
     assert "device" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- genes
+@pytest.mark.parametrize("density", [-0.3, 1.7])
+def test_out_of_range_densities_are_refused_everywhere(density, tmp_path, micro_pool, capsys):
+    out = tmp_path / "merged"
+    base, a, b = (str(micro_pool[k]) for k in ("base", "expert_a", "expert_b"))
+    mergekit = tmp_path / "mk.yaml"
+    mergekit.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": base, "models": [
+        {"model": a, "parameters": {"weight": 0.5, "density": density}},
+        {"model": b, "parameters": {"weight": 0.5, "density": 0.5}}]}))
+    recipe = _merge_recipe(tmp_path, micro_pool)
+    genome = tmp_path / "genome.yaml"
+    genome.write_text(yaml.safe_dump({"weights": {"a": 0.5, "b": 0.5}, "densities": {"a": density, "b": 0.5}}))
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(yaml.safe_dump(yaml.safe_load(recipe.read_text()) | {
+        "genome": {"weights": {"a": 0.5, "b": 0.5}, "densities": {"a": 0.5, "b": [0.5, density]}}}))
+    for args, culprit in (([str(mergekit)], "models[0].parameters.density"),
+                          ([str(recipe), "--genome", str(genome)], "densities.a"),
+                          ([str(inline)], "densities.b[1]")):
+        assert cli_main(["merge", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert culprit in err and "[0, 1]" in err and "Traceback" not in err and not out.exists(), err
+    from evomerge.errors import ConfigError
+    from evomerge.merge import Genome
+
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 1\]"):
+        Genome.from_values([0.5, 0.5], [density, 0.5])

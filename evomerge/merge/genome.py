@@ -29,6 +29,9 @@ def _as_rows(values: Any, n_experts: int, what: str) -> tuple[tuple[float, ...],
             raise ConfigError(f"genome {what}[{g}] has {len(row)} values, expected one per expert ({n_experts})")
         if not all(math.isfinite(v) for v in row):
             raise ConfigError(f"genome {what}[{g}] has a non-finite value: {list(row)}")
+        if what == "densities" and not all(0.0 <= v <= 1.0 for v in row):
+            raise ConfigError(f"genome densities[{g}] = {list(row)}: a density is the kept fraction of a task "
+                              "vector and must lie in [0, 1]")
         out.append(row)
     if not out:
         raise ConfigError(f"genome {what} is empty")

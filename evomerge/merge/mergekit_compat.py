@@ -96,6 +96,9 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
             raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
         weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
         densities[name] = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+        if not 0.0 <= densities[name] <= 1.0:
+            raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {densities[name]:g} must lie in "
+                              "[0, 1] (the kept fraction of the task vector)")
     if base is None:  # linear without base: any input can be the reference; it gets tau = 0
         base = next(iter(experts.values()))
     if not experts:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge.genome import Genome
@@ -34,6 +34,23 @@ class GenomeSpec(BaseModel):
     densities: float | list[Any] | dict[str, float | list[float]] | None = None
     scale: float = 1.0
     layer_granularity: int = 0  # > 0: repeat scalar values over num_layers // layer_granularity groups
+
+    @field_validator("densities")
+    @classmethod
+    def _in_unit_interval(cls, v: Any) -> Any:
+        """Checked when the file is read (so the error names it), not only when merged."""
+        def walk(x: Any, where: str) -> None:
+            if isinstance(x, dict):
+                for k, item in x.items():
+                    walk(item, f"{where}.{k}")
+            elif isinstance(x, (list, tuple)):
+                for i, item in enumerate(x):
+                    walk(item, f"{where}[{i}]")
+            elif isinstance(x, (int, float)) and not 0.0 <= float(x) <= 1.0:
+                raise ValueError(f"{where} = {x}: a density must lie in [0, 1]")
+
+        walk(v, "densities")
+        return v
 
     def to_genome(self, expert_names: list[str], num_layers: int | None = None) -> Genome:
         genome = Genome.from_values(self.weights, self.densities, self.scale, expert_names)
