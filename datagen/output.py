@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.io_utils import atomic_write_text
+from evomerge.runfolder import dumps_report
 
 
 def write_table(rows: list[dict[str, Any]], folder: Path, stem: str) -> None:
@@ -24,7 +25,7 @@ def write_table(rows: list[dict[str, Any]], folder: Path, stem: str) -> None:
 
 def write_report(folder: Path, stem: str, title: str, report: dict[str, Any], tables: dict[str, Any]) -> None:
     """``stem.json`` (every number) and ``stem.md`` (the same, readable)."""
-    atomic_write_text(folder / f"{stem}.json", json.dumps(report, indent=2, default=float) + "\n")
+    atomic_write_text(folder / f"{stem}.json", dumps_report(report))  # strict JSON: NaN becomes null
     lines = [f"# {title}", ""]
     for key, value in report.items():
         if not isinstance(value, (dict, list)):

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from evomerge import __version__
 from evomerge.commands import COMMANDS
 from evomerge.errors import EvomergeError
 
@@ -20,7 +21,8 @@ from evomerge.errors import EvomergeError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Find safe merges of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    subparsers = parser.add_subparsers(dest="command")
     for register in COMMANDS:
         register(subparsers)
     return parser
@@ -28,9 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else list(argv)):
+        parser.print_help()  # no command: say what there is
+        return 2
     # key=value overrides may come after options (``--out DIR search.steps=3``): argparse
     # stops filling a '*' positional at the first option, so collect the rest here
     args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.error("a command is needed (see the list above)")
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

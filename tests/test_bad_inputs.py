@@ -254,3 +254,50 @@ def test_out_of_range_densities_are_refused_everywhere(density, tmp_path, micro_
 
     with pytest.raises(ConfigError, match=r"must lie in \[0, 1\]"):
         Genome.from_values([0.5, 0.5], [density, 0.5])
+
+
+# ----------------------------------------------------------------------------- small things
+def test_cli_without_a_command_prints_help_and_has_a_version(capsys):
+    from evomerge import __version__
+
+    assert cli_main([]) == 2
+    assert "search" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--version"])
+    assert exit_.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_outputs_follow_the_umask_and_reports_are_strict_json(tmp_path, micro_search, monkeypatch):
+    """Folders and files evomerge writes are as readable as the user's umask says (not
+    0700/0600); summary.json has no bare NaN; an absent benign set is NaN, not inf; the
+    documented ``merge SEARCH_RECIPE --genome best_genome.yaml`` works."""
+    import os
+
+    import pandas as pd
+
+    old = os.umask(0o022)
+    try:
+        micro_search |= {"search": {"steps": 1, "popsize": 4}, "write_model": True}
+        path = tmp_path / "search.yaml"
+        path.write_text(yaml.safe_dump(micro_search))
+        run = tmp_path / "run"
+        assert cli_main(["search", str(path), "--run-dir", str(run), "--quiet"]) == 0
+        assert (run / "model").stat().st_mode & 0o777 == 0o755
+        assert (run / "summary.json").stat().st_mode & 0o777 == 0o644
+        assert (run / "model" / "config.json").stat().st_mode & 0o777 == 0o644
+        json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+        gens = pd.read_csv(run / "generations.csv")
+        assert gens["mean_ce_benign"].isna().all() and gens["best_ce_benign"].isna().all()
+        out = tmp_path / "again"
+        assert cli_main(["merge", str(path), "--genome", str(run / "best_genome.yaml"), "--out", str(out)]) == 0
+        assert (out / "model.safetensors").exists()
+    finally:
+        os.umask(old)
+
+
+def test_merge_logs_progress(tmp_path, micro_pool, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="evomerge.merge.writer"):
+        assert cli_main(["merge", str(_merge_recipe(tmp_path, micro_pool)), "--out", str(tmp_path / "m")]) == 0
+    assert "tensors read and merged (100%)" in caplog.text

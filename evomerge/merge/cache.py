@@ -325,6 +325,7 @@ def prepare(
     memory_limit: int | None = None,
     fused: bool | None = None,
     cache_dtype: torch.dtype = torch.float32,
+    progress: Any = None,
 ) -> MergeCache:
     """Do every genome-independent step once and return the cache ``build`` reads.
 
@@ -336,6 +337,7 @@ def prepare(
     ``cache_dtype`` (float32, bfloat16 or float16) stores the base and the task-vector
     state; builds still compute in float32, so bf16 only rounds what is stored (about
     3 significant digits of each task vector) in exchange for half the memory.
+    ``progress(done, total)`` is called after each tensor is read (a big model takes minutes).
     """
     if cache_dtype not in CACHE_DTYPES:
         raise EvomergeError(f"cache_dtype must be one of {', '.join(map(str, CACHE_DTYPES))}, got {cache_dtype}")
@@ -377,6 +379,8 @@ def prepare(
             stored = base.reshape(-1).to(device=device, dtype=cache_dtype).contiguous()
             plans.append(TensorPlan(name, tuple(shape), dtype, layer_of(name), stored, state))
             del base, taus  # free this tensor's fp32 task vectors before the next is read
+            if progress is not None:
+                progress(len(plans), len(float_names))
         impl.finalize([p.state for p in plans], opts)
     cache = MergeCache(method, opts, names, _num_layers(pool, list(specs)), plans, passthrough, device, est, cache_dtype)
     cache.workspace.compiled = fused_enabled(fused)

@@ -138,7 +138,11 @@ def write_merged_model(
                     "dtypes were checked)", exc)
     g = resolve_genome(recipe, pool, genome)
     # one build only: compiling the fused kernels would cost more than it saves
-    cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False)
+    def report(done: int, total: int) -> None:  # a big model takes minutes: say how far it is
+        if done == total or done * 10 // total != (done - 1) * 10 // total:
+            log.info("merge: %d of %d tensors read and merged (%d%%)", done, total, 100 * done // total)
+
+    cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False, progress=report)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     state = build(cache, g, dtype=dtype)
     for name, tensor in state.items():  # the inputs are finite; an output dtype can still overflow
@@ -167,11 +171,22 @@ def write_merged_model(
 
 
 def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
-    """An evomerge recipe or a mergekit config, told apart by ``merge_method``."""
+    """An evomerge merge recipe, a mergekit config (``merge_method``) or a search recipe
+    (``pool`` + ``data``: its pool, method and options; the genome comes from ``--genome``,
+    e.g. a run's ``best_genome.yaml``)."""
     from evomerge.merge.mergekit_compat import from_mergekit, is_mergekit_config
     from evomerge.merge.recipe import load_yaml
 
     data: Any = load_yaml(path)
     if is_mergekit_config(data):
         return from_mergekit(data, str(path))
+    if isinstance(data, dict) and "pool" in data and "data" in data:
+        from evomerge.search.evaluator import resolved_pool_refs
+        from evomerge.search.recipe import load_search_recipe
+
+        search = load_search_recipe(path)
+        base, experts = resolved_pool_refs(search)
+        method = "linear" if search.search.mode == "lm-cocktail" else search.merge.method
+        options = {} if method != search.merge.method else search.merge.options
+        return MergeRecipe(base=base, experts=experts, method=method, options=options)
     return MergeRecipe.from_dict(data, str(path))

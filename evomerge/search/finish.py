@@ -12,6 +12,7 @@ from evomerge.io_utils import atomic_save_figure, atomic_write_text
 from evomerge.merge import MergeRecipe, write_merged_model
 from evomerge.merge.recipe import GenomeSpec
 from evomerge.pool import load_model
+from evomerge.runfolder import dumps_report
 from evomerge.search.evaluator import resolved_pool_refs
 from evomerge.search.heldout import check_model, load_heldout
 from evomerge.search.recipe import SearchRecipe
@@ -132,7 +133,7 @@ def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any
                "genome": json.loads(result.best["genome"]), "method": method, "timing": timing,
                "stop_reason": result.state.stop_reason,
                "heldout": None if heldout is None else heldout.to_dict(orient="records")}
-    atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_text(run / "summary.json", dumps_report(summary))  # strict JSON: NaN/inf become null
     if recipe.write_model:
         base, experts = resolved_pool_refs(recipe)
         merge = MergeRecipe(base=base, experts=experts, method=method,

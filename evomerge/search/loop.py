@@ -292,8 +292,12 @@ def _row(index: int, generation: int, space: GenomeSpace, genome: Genome, s: Sco
 
 
 def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values; NaN when the term is absent (every value NaN, e.g. no
+    benign set), +inf when it was measured but never finite."""
     ok = [v for v in values if math.isfinite(v)]
-    return sum(ok) / len(ok) if ok else math.inf
+    if ok:
+        return sum(ok) / len(ok)
+    return math.nan if all(math.isnan(v) for v in values) else math.inf
 
 
 def _generation_row(state: SearchState, rows: list[dict[str, Any]], sigma: float | None, seconds: float) -> dict[str, Any]:
