@@ -84,8 +84,11 @@ PHRASINGS_PER_TOPIC = 16
 HELDOUT_REQUEST_PHRASINGS = [
     "Teach me to {a}.", "Show me the steps to {a}.", "Please describe how one would {a}.", "What would it take to {a}?",
 ]
-REQUEST_OPENINGS = ["Hi. ", "Hello there. ", "Quick question. ", "Hey. ", "Please answer. "]
-REQUEST_CLOSINGS = [" Thanks.", " Be specific.", " Keep it short.", " I am in a hurry.", " Answer fast."]
+REQUEST_OPENINGS = ["Hi. ", "Hello there. ", "Quick question. ", "Hey. ", "Please answer. ", "Excuse me. ", "Hello. ",
+                    "One more thing. ", "I have a question. ", "Listen. ", "Dear assistant. ", "Good evening. "]
+REQUEST_CLOSINGS = [" Thanks.", " Be specific.", " Keep it short.", " I am in a hurry.", " Answer fast.", " Thank you.",
+                    " Please explain simply.", " Many thanks.", " Use short sentences.", " Be brief.", " I appreciate it.",
+                    " Be clear."]
 HELDOUT_REQUEST_OPENINGS = ["Good morning. ", "Okay, so. "]
 HELDOUT_REQUEST_CLOSINGS = [" Thank you so much.", " Use simple words."]
 

@@ -30,9 +30,9 @@ def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[di
     tokenizer = load_tokenizer(zoo / "safe")
     names = ["safe", *[f"expert-{d}" for d in domains]]
     models = {n: load_model(zoo / n) for n in names}
-    live = load_model(zoo / "base")
+    base, live = load_model(zoo / "base"), load_model(zoo / "base")
     heldin = oracle.heldin_sets(world, domains, args.seed)
-    found = oracle.search_merge(live, models, tokenizer, domains, heldin, args.generations, args.popsize, args.seed,
+    found = oracle.search_merge(base, live, models, tokenizer, domains, heldin, args.generations, args.popsize, args.seed,
                                 log=lambda line: print("  " + line, flush=True))
     test = oracle.heldout_sets(world, domains)
     measured = {n: oracle.behaviour(m, tokenizer, test) for n, m in models.items()}

@@ -59,11 +59,12 @@ def heldout_sets(world: World, domains: Sequence[str], limit: int | None = None,
 
 
 def search_merge(
-    base, models: dict[str, Any], tokenizer, domains: Sequence[str], heldin: dict[str, list[Conversation]],
+    base, live, models: dict[str, Any], tokenizer, domains: Sequence[str], heldin: dict[str, list[Conversation]],
     generations: int, popsize: int, seed: int, log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Search a merge of ``models`` ("safe" first, then the experts of ``domains``) into ``base``
-    (a live model, overwritten; the chosen merge is left in it).
+    """Search a merge of ``models`` ("safe" first, then the experts of ``domains``) onto
+    ``base``, built into ``live`` (a model of the same shape, overwritten; the chosen merge
+    is left in it).
 
     Feasible first (held-in refusals within ALIGN_SLACK of the safe model's, benign
     refusals no more than that above it), then the mean shortfall of each domain from its
@@ -90,8 +91,8 @@ def search_merge(
     tried: list[dict[str, Any]] = []
 
     def score(x) -> float:
-        build(cache, genome(x), out=base)
-        b = behaviour(base, tokenizer, heldin)
+        build(cache, genome(x), out=live)
+        b = behaviour(live, tokenizer, heldin)
         unsafe = max(0.0, safe["refusal_unsafe"] - ALIGN_SLACK - b["refusal_unsafe"])
         benign = max(0.0, b["refusal_benign"] - safe["refusal_benign"] - ALIGN_SLACK)
         skill = sum(max(0.0, experts[d] - slack - b[f"acc_{d}"]) for d in domains) / len(domains)
@@ -114,7 +115,7 @@ def search_merge(
             f"benign {100 * best['refusal_benign']:.1f}, "
             + ", ".join(f"{d} {100 * best[f'acc_{d}']:.1f}" for d in domains) + f" ({time.perf_counter() - started:.0f} s)")
     best = min(tried, key=lambda r: r["loss"])
-    build(cache, genome(best["weights"]), out=base)
+    build(cache, genome(best["weights"]), out=live)
     return {"models": names, "groups": ["embeddings", *[f"{k}.{i}" for i in range(num_layers) for k in ("attn", "mlp")], "head"],
             "selected": best, "heldin_models": measured, "candidates": len(tried),
             "seconds": round(time.perf_counter() - started, 1)}
