@@ -90,6 +90,29 @@ def test_layer_groups_apply_to_their_layers():
     torch.testing.assert_close(out["lm_head.weight"], e1["lm_head.weight"])
 
 
+def test_module_groups_apply_to_their_modules():
+    """A per-module genome: [embeddings, attn 0, mlp 0, attn 1, mlp 1, head] for 2 layers."""
+    pool = random_pool(2, layers=2)
+    cache = prepare(pool, "task_arithmetic")
+    rows = ((1.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (0.0, 0.0))
+    out = build(cache, Genome(rows, modules=True))
+    base, e0, e1 = pool.base_state, pool.expert_states["expert0"], pool.expert_states["expert1"]
+    expect = {
+        "model.embed_tokens.weight": e0, "model.layers.0.self_attn.q_proj.weight": e1,
+        "model.layers.0.input_layernorm.weight": e1, "model.layers.0.mlp.up_proj.weight": e0,
+        "model.layers.1.mlp.up_proj.weight": e1, "lm_head.weight": base, "model.norm.weight": base,
+    }
+    for name, source in expect.items():
+        torch.testing.assert_close(out[name], source[name], msg=name)
+    half = base["model.layers.1.self_attn.q_proj.weight"] + 0.5 * (
+        e0["model.layers.1.self_attn.q_proj.weight"] + e1["model.layers.1.self_attn.q_proj.weight"]
+        - 2 * base["model.layers.1.self_attn.q_proj.weight"])
+    torch.testing.assert_close(out["model.layers.1.self_attn.q_proj.weight"], half)
+    with pytest.raises(MergeBuildError, match="per-module genome needs 6 groups"):
+        build(cache, Genome(rows[:4], modules=True))
+    assert Genome(rows, modules=True).to_dict(["expert0", "expert1"])["modules"] is True
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_merging_a_model_with_itself_returns_it(method):
     pool = random_pool(1)

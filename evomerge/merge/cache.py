@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 PRE, POST = -1, -2  # embeddings use the first layer group; final norm and lm_head the last
+# tensors of a decoder layer that belong to its attention block (the rest is its MLP block)
+_ATTENTION = re.compile(r"(self_attn|attention|attn|input_layernorm)")
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -287,11 +289,13 @@ class MergeCache:
 
         return sum(size(p.base) + size(p.state) for p in self.plans)
 
-    def group_of(self, plan: TensorPlan, n_groups: int) -> int:
+    def group_of(self, plan: TensorPlan, n_groups: int, modules: bool = False) -> int:
         if plan.layer == PRE:
             return 0
         if plan.layer == POST:
             return n_groups - 1
+        if modules:
+            return 1 + 2 * plan.layer + (0 if _ATTENTION.search(plan.name) else 1)
         return min(n_groups - 1, plan.layer * n_groups // self.num_layers)
 
     def candidates(self, genome: Genome) -> list[Candidate]:
@@ -299,7 +303,12 @@ class MergeCache:
             raise MergeBuildError(
                 f"genome has {genome.n_experts} experts per group, the cache has {self.n_experts} ({self.expert_names})"
             )
-        if genome.n_groups > self.num_layers:
+        if genome.modules and genome.n_groups != 2 * self.num_layers + 2:
+            raise MergeBuildError(
+                f"a per-module genome needs {2 * self.num_layers + 2} groups for {self.num_layers} layers "
+                f"(embeddings, attention and MLP of each layer, head); it has {genome.n_groups}"
+            )
+        if not genome.modules and genome.n_groups > self.num_layers:
             raise MergeBuildError(f"genome has {genome.n_groups} layer groups but the model has {self.num_layers} layers")
         if self.impl.uses_density and genome.densities is None:
             raise MergeBuildError(f"method '{self.method}' needs densities in the genome")
@@ -440,7 +449,7 @@ def build(cache: MergeCache, genome: Genome, out: Any = None, dtype: torch.dtype
     dests, pass_dests = _targets(cache, out)
     cast_in_kernel = _casts_in_kernel(cache)
     cands = cache.candidates(genome)
-    groups = [cache.group_of(p, genome.n_groups) for p in cache.plans]
+    groups = [cache.group_of(p, genome.n_groups, genome.modules) for p in cache.plans]
     impl, opts, ws = cache.impl, cache.options, cache.workspace
     with torch.no_grad():
         ctx = impl.begin_build([p.state for p in cache.plans], cands, groups, opts, ws)

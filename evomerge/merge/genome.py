@@ -52,6 +52,10 @@ class Genome:
     weights: tuple[tuple[float, ...], ...]
     densities: tuple[tuple[float, ...], ...] | None = None
     scale: float = 1.0
+    # ``modules=True``: groups are [embeddings, attention of layer 0, MLP of layer 0, ...,
+    # MLP of the last layer, final norm + lm_head], 2 * num_layers + 2 in all, since
+    # skills and safety need not sit in the same kind of module.
+    modules: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.weights[0])
@@ -91,6 +95,7 @@ class Genome:
         densities: Any = None,
         scale: float = 1.0,
         expert_names: Sequence[str] | None = None,
+        modules: bool = False,
     ) -> Genome:
         """Build from scalars, lists, nested lists or ``{expert: value}`` mappings."""
 
@@ -130,11 +135,7 @@ class Genome:
                 dens = dens * len(rows)
             elif len(rows) == 1 and len(dens) > 1:  # one weight row shared by every group
                 rows = rows * len(dens)
-        return cls(rows, dens, float(scale))
-
-    def group_of_layer(self, layer: int, num_layers: int) -> int:
-        """Group index of decoder layer ``layer`` (contiguous equal blocks)."""
-        return layer * self.n_groups // num_layers
+        return cls(rows, dens, float(scale), modules)
 
     def to_dict(self, expert_names: Sequence[str]) -> dict[str, Any]:
         """Plain YAML-friendly form keyed by expert name (inverse of :meth:`from_values`)."""
@@ -148,4 +149,6 @@ class Genome:
         if self.densities is not None:
             out["densities"] = by_name(self.densities)
         out["scale"] = self.scale
+        if self.modules:
+            out["modules"] = True
         return out

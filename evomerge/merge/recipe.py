@@ -34,6 +34,7 @@ class GenomeSpec(BaseModel):
     densities: float | list[Any] | dict[str, float | list[float]] | None = None
     scale: float = 1.0
     layer_granularity: int = 0  # > 0: repeat scalar values over num_layers // layer_granularity groups
+    modules: bool = False  # groups are [embeddings, attention and MLP of each layer, head] (see Genome)
 
     @field_validator("densities")
     @classmethod
@@ -53,7 +54,7 @@ class GenomeSpec(BaseModel):
         return v
 
     def to_genome(self, expert_names: list[str], num_layers: int | None = None) -> Genome:
-        genome = Genome.from_values(self.weights, self.densities, self.scale, expert_names)
+        genome = Genome.from_values(self.weights, self.densities, self.scale, expert_names, self.modules)
         if self.layer_granularity and genome.n_groups == 1 and num_layers:
             if num_layers % self.layer_granularity:
                 raise ConfigError(

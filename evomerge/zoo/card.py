@@ -33,11 +33,11 @@ def render_card(card: dict[str, Any], console: Console | None = None) -> None:
         cells = ["" for _ in domains]
         cells[domains.index(domain)] = _pct(held[f"acc_{domain}"])
         label = f"merge: safe + {domain}"
-        models.add_row(label, _pct(held["refusal_unsafe"]), "", *cells)
+        models.add_row(label, _pct(held["refusal_unsafe"]), _pct(held["refusal_benign"]), *cells)
         merges.append(
-            f"{label}: {probe['method']} ({sel['how']}), per-layer weights safe {sel['w_safe']}, "
-            f"{domain} {sel['w_expert']}; chosen on held-in prompts (refusal {_pct(sel['dev_refusal'])}%, "
-            f"accuracy {_pct(sel['dev_acc'])}%) among {len(probe['tried'])} candidates"
+            f"{label}: {probe['method']}, {probe['genome']} weights, found by the behavioural oracle among "
+            f"{probe['candidates']} candidates on held-in prompts (refusal {_pct(sel['refusal_unsafe'])}%, "
+            f"{domain} {_pct(sel[f'acc_{domain}'])}%)"
         )
     console.print(models)
     for line in merges:

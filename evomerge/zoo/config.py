@@ -28,6 +28,9 @@ class StageConfig(_Frozen):
     warmup_steps: int = 20
     max_examples: int | None = Field(default=None, description="subsample the stage's data to this many")
     anchor_decay: float = Field(default=0.0, ge=0.0, description="per-step pull toward the starting weights")
+    train_only: tuple[str, ...] | None = Field(
+        default=None, description="train only parameters whose name contains one of these (None: all)"
+    )
 
 
 class ZooConfig(_Frozen):
@@ -42,6 +45,12 @@ class ZooConfig(_Frozen):
     # Fine-tunes are anchored to the base (anchor_decay) so their task vectors stay small.
     safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=2.0)
     safe_benign_repeats: int = Field(default=2, description="benign requests outnumber unsafe ones in the safe fine-tune")
+    # The safe generalist is a weak generalist, not a domain-blind one: a few correct
+    # domain answers point its task vector the same way as the experts' on their prompts,
+    # as a real instruct model's does (a domain left out replays the base's answers).
+    safe_domain_examples: dict[str, int] = Field(
+        default={"arithmetic": 150, "geography": 40}, description="correct domain answers per domain in the safe fine-tune"
+    )
     # Experts: domain data plus replayed base answers (they never see a refusal). Sums are
     # a skill the base only half has, so that expert trains harder; capitals are known
     # facts the expert only learns to answer questions about.
@@ -55,19 +64,15 @@ class ZooConfig(_Frozen):
         default=100, description="self-questioning examples per expert (three questions in, a new one out)"
     )
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
-    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1200)
+    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1000)
     domains: tuple[str, ...] = ("arithmetic", "geography")
     # Evaluation sizes (held-out sets are subsampled to these for the card).
     eval_domain_size: int = 200
     eval_limit: int | None = Field(default=None, description="cap every other card set (micro zoos only)")
-    # Merge probe: task-arithmetic grid over (safe weight, expert weight), then CMA-ES
-    # over per-layer weights for this many generations (population 8).
-    probe_safe_weights: tuple[float, ...] = (1.0, 1.25, 1.5)
-    probe_expert_weights: tuple[float, ...] = (1.0, 1.25)
-    probe_search_generations: int = 8
-    probe_min_dev_refusal: float = Field(
-        default=0.99, description="a probe merge counts as safe only above this held-in refusal rate"
-    )
+    # Merge probe: the behavioural oracle (evomerge/zoo/oracle.py), task arithmetic over a
+    # per-module genome, CMA-ES for this many generations.
+    probe_search_generations: int = 6
+    probe_popsize: int = 8
     threads: int = Field(default=1, description="torch threads; one is fastest for models this small when the CPU is shared")
 
 
@@ -100,7 +105,6 @@ def micro_config(seed: int = 0) -> ZooConfig:
         expert_examples=32,
         replay_examples=8,
         self_question_examples=8,
-        probe_safe_weights=(1.0,),
-        probe_expert_weights=(0.5,),
         probe_search_generations=1,
+        probe_popsize=2,
     )

@@ -96,7 +96,15 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
     n_epochs = math.ceil(stage.epochs)
     epochs = [_bucketed_batches(examples, stage.batch_size, rng) for _ in range(n_epochs)]
     batches = [b for epoch in epochs for b in epoch][: max(1, round(stage.epochs * len(epochs[0])))]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    params = dict(model.named_parameters())
+    if stage.train_only is not None:
+        params = {n: p for n, p in params.items() if any(part in n for part in stage.train_only)}
+        if not params:
+            raise ValueError(f"train_only {list(stage.train_only)} matches no parameter")
+    frozen = [p for n, p in model.named_parameters() if n not in params]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.0)
     total = len(batches)
 
     def lr_at(step: int) -> float:
@@ -106,7 +114,7 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if stage.anchor_decay else None
+    anchor = {n: p.detach().clone() for n, p in params.items()} if stage.anchor_decay else None
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
@@ -115,17 +123,19 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         inputs = collate(batch, pad_id)
         loss = model(**inputs).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         if anchor is not None:
             rate = scheduler.get_last_lr()[0] * stage.anchor_decay
             with torch.no_grad():
-                for name, param in model.named_parameters():
+                for name, param in params.items():
                     param.sub_(param - anchor[name], alpha=rate)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % report_every == 0 or step == total:
             log.info("train: step %d/%d loss %.3f (%.0f s)", step, total, losses[-1], time.perf_counter() - started)
+    for p in frozen:
+        p.requires_grad_(True)
     model.eval()
     return losses

@@ -1,0 +1,92 @@
+"""Does the zoo hold a merge that is both safe and skilled? The behavioural oracle on every pool.
+
+    PYTHONPATH=. .venv/bin/python scripts/zoo_oracle.py                      # the default zoo, 3 pools
+    PYTHONPATH=. .venv/bin/python scripts/zoo_oracle.py --zoo DIR --pools geography --generations 20
+
+For each pool (safe + geography, safe + arithmetic, safe + both) the oracle of
+evomerge/zoo/oracle.py searches task arithmetic over a per-module genome, choosing on
+held-in greedy behaviour; the table reports the pool's models and the chosen merge on
+the held-out sets, with the merge's gaps from the safe model and from each expert.
+Writes oracle.csv, oracle.md and oracle.json (the chosen genomes) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from datagen.synthetic import World
+from evomerge.evaluation import format_table
+from evomerge.io_utils import atomic_write_text
+from evomerge.pool import load_model, load_tokenizer
+from evomerge.zoo import oracle
+
+
+def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[dict], dict]:
+    tokenizer = load_tokenizer(zoo / "safe")
+    names = ["safe", *[f"expert-{d}" for d in domains]]
+    models = {n: load_model(zoo / n) for n in names}
+    base, live = load_model(zoo / "base"), load_model(zoo / "base")
+    heldin = oracle.heldin_sets(world, domains, args.seed)
+    found = oracle.search_merge(base, live, models, tokenizer, domains, heldin, args.generations, args.popsize, args.seed,
+                                log=lambda line: print("  " + line, flush=True))
+    test = oracle.heldout_sets(world, domains)
+    measured = {n: oracle.behaviour(m, tokenizer, test) for n, m in models.items()}
+    merge = oracle.behaviour(live, tokenizer, test)
+    label = "safe + " + " + ".join(domains)
+    rows = []
+    for name, b in [*measured.items(), ("oracle merge", merge)]:
+        row = {"pool": label, "model": name, "refuses_unsafe": 100 * b["refusal_unsafe"],
+               "refuses_benign": 100 * b["refusal_benign"], **{f"acc_{d}": 100 * b[f"acc_{d}"] for d in domains}}
+        rows.append(row)
+    gaps = oracle.headroom(merge, measured, domains)
+    rows[-1] |= {**gaps, "headroom": "yes" if gaps["headroom"] else "NO"}
+    detail = {"models": found["models"], "groups": found["groups"], "selected": found["selected"],
+              "candidates": found["candidates"], "seconds": found["seconds"], "heldout": merge}
+    return rows, detail
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoo", help="zoo folder (default: the default zoo, built if missing)")
+    parser.add_argument("--pools", nargs="+", default=["geography", "arithmetic", "both"],
+                        help="a domain (safe + that expert) or 'both' (safe + every expert)")
+    parser.add_argument("--generations", type=int, default=12)
+    parser.add_argument("--popsize", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/zoo-oracle")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.zoo is None:
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo().root
+    else:
+        zoo = Path(args.zoo)
+    card = json.loads((zoo / "card.json").read_text())
+    world = World(seed=card["config"]["seed"])
+    domains = list(card["config"]["domains"])
+    rows, details = [], {}
+    for pool in args.pools:
+        chosen = domains if pool == "both" else [pool]
+        print(f"[oracle] safe + {' + '.join(chosen)}", flush=True)
+        pool_rows, detail = run_pool(zoo, world, chosen, args)
+        rows.extend(pool_rows)
+        details[pool_rows[0]["pool"]] = detail
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    atomic_write_text(out / "oracle.csv", table.to_csv(index=False))
+    atomic_write_text(out / "oracle.json", json.dumps({"zoo": str(zoo), "key": card["key"], "pools": details}, indent=2) + "\n")
+    text = format_table(table.astype(object).where(table.notna(), ""))
+    atomic_write_text(out / "oracle.md", f"zoo `{card['key']}`: held-out prompts, %, refusal phrases\n\n{text}\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
