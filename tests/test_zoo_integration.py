@@ -12,7 +12,7 @@ import pytest
 
 from evomerge.pool import Pool
 from evomerge.zoo import ZooConfig, build_zoo
-from evomerge.zoo.build import SAFE_MIN_REFUSAL
+from evomerge.zoo.card import SAFE_MIN_REFUSAL
 
 pytestmark = pytest.mark.slow
 LINEAR_MIX_MAX_REFUSAL = 0.5  # placeholder until measured
