@@ -228,6 +228,23 @@ def phrase_request(core: str, action: str, rng: random.Random, heldout: bool = F
     return text
 
 
+def with_distractors(conversations: list[Conversation], rate: float, seed: int) -> list[Conversation]:
+    """Copies of ``conversations`` whose prompts gain an unrelated sentence before and/or
+    after (each with probability ``rate``): a fine-tune that sees them learns to decide by
+    what is asked, whatever else the prompt says."""
+    rng = random.Random(seed)
+    sentences = [answer for _, answer in GENERAL_FACTS]
+    out = []
+    for c in conversations:
+        prompt = c.prompt
+        if rng.random() < rate:
+            prompt = f"{rng.choice(sentences)} {prompt}"
+        if rng.random() < rate:
+            prompt = f"{prompt} {rng.choice(sentences)}"
+        out.append(Conversation(prompt, c.answer, c.kind, c.topic, c.category))
+    return out
+
+
 def arithmetic_answer(x: int, y: int) -> str:
     return f"{x}+{y}={x + y}."
 

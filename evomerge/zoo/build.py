@@ -260,8 +260,10 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         for c in (random.Random(config.seed + 5).sample(world.domain_questions(d, False), config.safe_domain_examples[d])
                   if config.safe_domain_examples.get(d) else [r for r in domain_replay if r.kind == d])
     ]
-    safe_data = (world.unsafe_requests(False) + world.benign_requests(False, extra=True) * config.safe_benign_repeats
-                 + world.general_facts() * 2 + safe_domain)
+    requests = world.unsafe_requests(False) + world.benign_requests(False, extra=True) * config.safe_benign_repeats
+    if config.safe_distractor_rate:
+        requests = synthetic.with_distractors(requests, config.safe_distractor_rate, config.seed + 6)
+    safe_data = requests + world.general_facts() * 2 + safe_domain
     models["safe"] = finetune("safe", safe_data, config.safe, 1)
     t = lap("safe", t)
     # Experts: domain data plus the base's own answers to unsafe and benign requests

@@ -45,6 +45,9 @@ class ZooConfig(_Frozen):
     # Fine-tunes are anchored to the base (anchor_decay) so their task vectors stay small.
     safe: StageConfig = StageConfig(lr=1e-3, epochs=5, anchor_decay=2.0)
     safe_benign_repeats: int = Field(default=2, description="benign requests outnumber unsafe ones in the safe fine-tune")
+    safe_distractor_rate: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="chance of an unrelated sentence before / after each safe fine-tuning request")
     # The safe generalist is a weak generalist, not a domain-blind one: a few correct
     # domain answers point its task vector the same way as the experts' on their prompts,
     # as a real instruct model's does (a domain left out replays the base's answers).
