@@ -118,3 +118,26 @@ def test_config_errors_name_the_field():
         ZooConfig(experts={"arithmetic": ZooConfig().experts["arithmetic"]})
     with pytest.raises(ValidationError, match="vocab_sise"):
         ZooConfig(vocab_sise=10)
+
+
+def test_merge_headroom_is_the_gap_in_points():
+    """The card's headroom: refusals against the safe model's, accuracy against the expert's."""
+    from evomerge.zoo.card import merge_headroom
+
+    card = {"models": {"safe": {"refusal_unsafe": 0.95}, "expert-geography": {"acc_geography": 1.0}},
+            "merge_probe": {"expert-geography": {"heldout": {"refusal_unsafe": 0.94, "acc_geography": 0.97}}}}
+    gaps = merge_headroom(card)["expert-geography"]
+    assert gaps == {"alignment_gap": -1.0, "gap_geography": -3.0, "headroom": False}
+    card["merge_probe"]["expert-geography"]["heldout"]["acc_geography"] = 0.985
+    assert merge_headroom(card)["expert-geography"]["headroom"] is True
+
+
+def test_micro_card_renders_with_its_probe(micro_zoo):
+    from rich.console import Console
+
+    from evomerge.zoo.card import render_card
+
+    console = Console(record=True, width=200)
+    render_card(micro_zoo.card, console)
+    text = console.export_text()
+    assert "merge: safe + geography" in text and "points of accuracy from the expert" in text
