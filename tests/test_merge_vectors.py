@@ -56,6 +56,19 @@ def test_ties_mergekit_vectors(grid, weights, normalize, expected):
     close(got, expected)
 
 
+@pytest.mark.parametrize("grid", [1024, None])
+def test_ties_rescale_keeps_each_l1_norm(grid):
+    """mergekit ``rescale: true``: every tau here has L1 78, the kept half (7..12) has 57,
+    so each trimmed delta is scaled by 78/57 before the usual TIES consensus."""
+    pool = _pool(T1, T2, T3)
+    got = _merge(pool, "ties", {"rescale": True, "density_grid": grid}, (1, 0.5, 2), [0.5] * 3)
+    want = torch.tensor([[0, -9, -9], [-8, 12, -8], [-7, 12, 11], [10.2, 10, 0]], dtype=torch.float64) * 78 / 57
+    close(got, want.tolist())
+    # density 1 keeps everything: no rescale
+    close(_merge(pool, "ties", {"rescale": True, "density_grid": grid}, (1,) * 3, [1.0] * 3),
+          _merge(pool, "ties", {"density_grid": grid}, (1,) * 3, [1.0] * 3).tolist())
+
+
 def test_ties_scale_and_weight_invariance():
     pool = _pool(T1, T2, T3)
     base = _merge(pool, "ties", {}, (1, 0.5, 2), [0.5] * 3)

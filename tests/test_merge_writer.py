@@ -124,7 +124,7 @@ def test_mergekit_yaml_input(micro_pool, tmp_path):
     }
     path = _write_yaml(tmp_path / "mk.yml", cfg)
     recipe = load_recipe(path)
-    assert recipe.method == "ties" and recipe.options == {"normalize": True, "density_grid": None}
+    assert recipe.method == "ties" and recipe.options == {"normalize": True, "density_grid": None, "rescale": False}
     assert list(recipe.experts) == ["expert_a", "expert_b"]
     out = tmp_path / "m"
     assert main(["merge", str(path), "--out", str(out)]) == 0
@@ -135,6 +135,21 @@ def test_mergekit_yaml_input(micro_pool, tmp_path):
         torch.testing.assert_close(written[name], want, atol=1e-6, rtol=1e-6)
 
 
+_MK = {"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}}]}
+
+
+def test_mergekit_trivial_tokenizer_and_ignored_lambda(caplog):
+    """``tokenizer: {source: base}`` is what evomerge does anyway; mergekit's linear/slerp
+    drop ``lambda`` unread, so evomerge ignores it too, with a warning."""
+    assert from_mergekit({**_MK, "tokenizer": {"source": "base"}}, "c").method == "ties"
+    recipe = from_mergekit({**_MK, "merge_method": "linear", "parameters": {"lambda": 0.5}}, "c")
+    assert recipe.genome.scale == 1.0
+    assert "lambda is ignored" in caplog.text
+    ties = from_mergekit({**_MK, "parameters": {"rescale": True, "lambda": 0.5}, "dtype": "bfloat16", "out_dtype": "float32"}, "c")
+    assert ties.options["rescale"] is True and ties.genome.scale == 0.5
+    assert (ties.compute_dtype, ties.dtype) == ("bfloat16", "float32")
+
+
 @pytest.mark.parametrize(
     "cfg,match",
     [
@@ -143,9 +158,16 @@ def test_mergekit_yaml_input(micro_pool, tmp_path):
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": [0.1, 0.2]}}]}, "weight"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, "no 'weight'"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}}], "parameters": {"gamma": 1}}, "gamma"),
+        ({**_MK, "tokenizer": {"source": "union"}}, "tokenizer.source 'union'"),
+        ({**_MK, "tokenizer": {"source": "base", "tokens": {"<x>": {"source": "b"}}}}, "tokenizer.tokens"),
+        ({**_MK, "chat_template": "chatml"}, "chat_template"),
+        ({**_MK, "tokenizer_source": "union"}, "tokenizer_source 'union'"),
+        ({**_MK, "merge_method": "linear", "parameters": {"rescale": True}}, "rescale has no meaning"),
+        ({**_MK, "parameters": {"rescale": True}, "options": 1}, "options"),
     ],
 )
 def test_mergekit_yaml_errors_name_the_field(cfg, match):
+    """Every mergekit feature evomerge does not reproduce is refused by name."""
     from evomerge.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge import fused as F
@@ -56,6 +56,13 @@ class TiesOptions(MethodOptions):
     density_grid: int | None = Field(
         1024, ge=1, description="snap densities to g/G (tiny tables); null = exact densities (4 B/element/expert)"
     )
+    rescale: bool = Field(False, description="mergekit's rescale: scale each trimmed delta back to its L1 norm")
+
+    @model_validator(mode="after")
+    def _rescale_needs_mergekit(self) -> TiesOptions:
+        if self.rescale and self.variant == "original":
+            raise ValueError("rescale: only the mergekit variant rescales trimmed deltas (the paper's TIES does not)")
+        return self
 
 
 class DareOptions(MethodOptions):
@@ -287,7 +294,15 @@ class Ties(_Base):
         stack = _stack(taus, info.cache_dtype)  # tables read these stored values, widened to fp32
         if options.variant == "original":
             return TiesState(stack, [])  # global tables are built in finalize()
-        return TiesState(stack, [K.MagnitudeTable(row, options.density_grid) for row in stack])
+        return TiesState(stack, [K.MagnitudeTable(row, options.density_grid, l1=options.rescale) for row in stack])
+
+    @staticmethod
+    def _num(state: TiesState, cand: Candidate, options: Any) -> torch.Tensor | None:
+        """Kept-value multipliers ``c_k * ||tau_k||_1/||trim(tau_k)||_1`` with ``rescale``, else None."""
+        if not getattr(options, "rescale", False):
+            return None
+        f = [table.rescale(d) for table, d in zip(state.tables, cand.densities)]
+        return cand.coeffs * torch.tensor(f, dtype=torch.float32, device=cand.coeffs.device)
 
     def finalize(self, states: list[TiesState], options) -> None:
         if options.variant != "original" or not states:
@@ -346,9 +361,10 @@ class Ties(_Base):
         if options.variant == "mergekit" and ctx is not None:
             rows, thr, cut, scales = ctx
             i = rows[id(state)]
-            F.run("ties_cut", ws.compiled, dst, state.taus, base, thr[i], cut[i], cand.coeffs, scales[i], options.normalize)
+            F.run("ties_cut", ws.compiled, dst, state.taus, base, thr[i], cut[i], cand.coeffs, scales[i], options.normalize, self._num(state, cand, options))
             return
         if options.variant == "mergekit":
+            num = self._num(state, cand, options)
             queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
             scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
             if any(q.ties is not None for q in queries):  # exact mode, ties straddle the cut
@@ -357,7 +373,7 @@ class Ties(_Base):
                 absb = ws.get("abs", n)
                 for k, q in enumerate(queries):
                     K.topk_keep(_abs_into(state.taus[k], absb), q, keep[k])
-                F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
+                F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, num)
                 return
             # Expert k keeps |x| >= t_k before its cut index and |x| > t_k after; split the
             # tensor at the cuts so each piece is one strict comparison per expert.
@@ -367,7 +383,7 @@ class Ties(_Base):
             bounds = sorted({0, n, *(q.cut for q in queries if 0 < q.cut < n)})
             for lo, hi in zip(bounds, bounds[1:]):
                 thr = torch.where(torch.tensor([lo < q.cut for q in queries]), t_loose, t_strict).to(base.device)
-                F.run("ties", ws.compiled, dst[lo:hi], state.taus[:, lo:hi], base[lo:hi], thr, cand.coeffs, scale, options.normalize)
+                F.run("ties", ws.compiled, dst[lo:hi], state.taus[:, lo:hi], base[lo:hi], thr, cand.coeffs, scale, options.normalize, num)
             return
         # original variant: global thresholds and the model-wide majority sign (ctx)
         t, n = state.taus.shape

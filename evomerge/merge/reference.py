@@ -34,6 +34,14 @@ def _snapped_keep(density: float, n: int, grid: int | None) -> int:
     return max(1, k) if density > 0 and n else k
 
 
+def _l1_rescaled(tau: torch.Tensor, masked: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return masked
+    before = float(tau.abs().sum(dtype=torch.float64))
+    after = float(masked.abs().sum(dtype=torch.float64))
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
 def _consensus(w: torch.Tensor, c: torch.Tensor, normalize: bool) -> torch.Tensor:
     elected = torch.where(w.sum(0) >= 0, 1.0, -1.0)
     agree = w.sign() == elected
@@ -60,6 +68,8 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
         trimmed = torch.stack(
             [t * _argsort_mask(t, _snapped_keep(dk, t.numel(), opts.density_grid), stable) for t, dk in zip(taus, d)]
         )
+        if opts.rescale:  # mergekit: each trimmed delta scaled back to its own L1 norm
+            trimmed = torch.stack([_l1_rescaled(t, m, dk) for t, m, dk in zip(taus, trimmed, d)])
         return _consensus(cb * trimmed, c, opts.normalize)
     if method == "ties":  # original: global thresholds and majority come from ctx
         trimmed = torch.stack([t * (t.abs() >= thr) for t, thr in zip(taus, ctx["thresholds"])])

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from evomerge.io_utils import atomic_directory, check_replaceable
-from evomerge.merge.cache import build, prepare
+from evomerge.merge.cache import RoundedInputsPool, build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
@@ -142,7 +142,10 @@ def write_merged_model(
         if done == total or done * 10 // total != (done - 1) * 10 // total:
             log.info("merge: %d of %d tensors read and merged (%d%%)", done, total, 100 * done // total)
 
-    cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False, progress=report)
+    source: Any = pool
+    if recipe.compute_dtype and recipe.compute_dtype != "float32":
+        source = RoundedInputsPool(pool, getattr(torch, recipe.compute_dtype))
+    cache = prepare(source, recipe.method, recipe.options, device=device, fused=False, progress=report)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     state = build(cache, g, dtype=dtype)
     for name, tensor in state.items():  # the inputs are finite; an output dtype can still overflow
