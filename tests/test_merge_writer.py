@@ -206,3 +206,26 @@ def test_layer_granularity_in_recipe(micro_pool, tmp_path):
     assert not (out / "mergekit_config.yml").exists()  # per-group genomes need mergekit slices
     spec = MergeRecipe.from_dict(_recipe(micro_pool)).genome.model_copy(update={"layer_granularity": 1})
     assert spec.to_genome(["a", "b"], num_layers=2).n_groups == 2
+
+
+def test_merge_explain_prints_groups_and_writes_nothing(micro_pool, tmp_path, capsys):
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(micro_pool["base"]),
+        "models": [
+            {"model": str(micro_pool["expert_a"]), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": str(micro_pool["expert_b"]), "parameters": {"weight": 0.4, "density": 0.7}},
+        ],
+        "parameters": {"rescale": True, "lambda": 0.9},
+        "dtype": "bfloat16",
+    }
+    path = _write_yaml(tmp_path / "mk.yml", cfg)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["merge", str(path), "--explain", "--out", str(tmp_path / "never")]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert "method: ties" in out and "rescale=True" in out
+    assert "rounded to bfloat16" in out and "output dtype: bfloat16" in out
+    assert "scale (lambda): 0.9" in out
+    assert "weights expert_a=0.6, expert_b=0.4; densities expert_a=0.3, expert_b=0.7" in out
+    assert "embeddings" in out and "lm_head" in out
