@@ -56,6 +56,8 @@ def _need_mergekit(monkeypatch):
         ("ties", {"rescale": True}, [{"weight": 0.6, "density": 0.3}, {"weight": 0.4, "density": 0.7}]),
         ("ties", {"rescale": True, "normalize": False}, [{"weight": 1.0, "density": 0.2}, {"weight": 0.5, "density": 1.0}]),
         ("linear", {"lambda": 0.7}, [{"weight": 0.3}, {"weight": 0.9}]),
+        ("breadcrumbs", {}, [{"weight": 0.6, "density": 0.5, "gamma": 0.05}, {"weight": 0.4, "density": 0.8, "gamma": 0.05}]),
+        ("breadcrumbs_ties", {"normalize": True, "rescale": True, "gamma": 0.1}, [{"weight": 0.6, "density": 0.3}, {"weight": 0.4, "density": 0.7}]),
     ],
 )
 def test_same_weights_as_mergekit(micro_pool, tmp_path, method, params, model_params):

@@ -22,8 +22,24 @@ from evomerge.merge.recipe import GenomeSpec, MergeRecipe
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp")
-_GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density"}
+SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
+# mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
+REFUSED = {
+    "della": "random per-row magnitude-ranked drop probabilities are not implemented yet",
+    "della_linear": "random per-row magnitude-ranked drop probabilities are not implemented yet",
+    "model_stock": "not implemented yet (no free coefficients to search)",
+    "sce": "not implemented yet",
+    "nuslerp": "not implemented yet",
+    "multislerp": "not implemented yet",
+    "karcher": "not implemented yet",
+    "passthrough": "not implemented yet (slices that stack layers change the architecture, which an in-place build cannot)",
+    "arcee_fusion": "not implemented yet",
+    "nearswap": "not implemented yet",
+    "ram": "not implemented yet",
+    "ramplus_tl": "not implemented yet",
+}
+_GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density", "gamma"}
+_BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
 _TOP_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -50,8 +66,13 @@ def _name_for(ref: str, taken: set[str]) -> str:
 def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> MergeRecipe:
     """Translate a mergekit config (already parsed YAML) into a :class:`MergeRecipe`."""
     method = data.get("merge_method")
+    if method in REFUSED:
+        raise ConfigError(f"{source}: merge_method '{method}' is not supported: {REFUSED[method]} "
+                          f"(supported: {', '.join(SUPPORTED)})")
     if method not in SUPPORTED:
         raise ConfigError(f"{source}: merge_method '{method}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if "gamma" in (data.get("parameters") or {}) and method not in _BREADCRUMBS:
+        raise ConfigError(f"{source}: parameters.gamma is not supported for '{method}' (only breadcrumbs has it)")
     if "slices" in data:
         raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
     unknown = sorted(set(data) - _TOP_KEYS)
@@ -77,6 +98,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     experts: dict[str, str] = {}
     weights: dict[str, float] = {}
     densities: dict[str, float] = {}
+    gammas: dict[str, float] = {}
     taken: set[str] = set()
     for i, entry in enumerate(models):
         if isinstance(entry, str):
@@ -86,7 +108,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         ref = entry["model"]
         ref = ref.get("model") if isinstance(ref, dict) else str(ref)
         p = dict(entry.get("parameters") or {})
-        extra = sorted(set(p) - {"weight", "density"})
+        extra = sorted(set(p) - ({"weight", "density", "gamma"} if method in _BREADCRUMBS else {"weight", "density"}))
         if extra:
             raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported")
         if method != "linear" and ref == base:
@@ -99,6 +121,8 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         if w is None:
             raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
         weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        if method in _BREADCRUMBS:
+            gammas[name] = _scalar(p.get("gamma", params.get("gamma", 0.01)), f"{source}: models[{i}].parameters.gamma")
         densities[name] = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
         if not 0.0 <= densities[name] <= 1.0:
             raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {densities[name]:g} must lie in "
@@ -117,6 +141,14 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         options = {"normalize": bool(params.get("normalize", False)), "rescale": "l1" if params.get("rescale", True) else "none"}
     elif method == "task_arithmetic":
         options = {"normalize": bool(params.get("normalize", False))}
+    elif method in _BREADCRUMBS:
+        if len(set(gammas.values())) > 1:
+            raise ConfigError(f"{source}: per-model gamma values differ ({gammas}); evomerge's breadcrumbs takes one "
+                              "gamma for all models (a static option, not a searched gene)")
+        gamma = next(iter(gammas.values()), 0.01)
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"{source}: parameters.gamma = {gamma:g} must lie in [0, 1] (the fraction of outliers dropped)")
+        options = {"normalize": bool(params.get("normalize", False)), "rescale": bool(params.get("rescale", False)), "gamma": gamma}
     elif method == "linear":
         options = {"normalize": bool(params.get("normalize", True))}
     scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
@@ -200,8 +232,10 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
         else:
             cfg["base_model"] = recipe.base
             params["lambda"] = genome.scale
-        if recipe.method == "ties" and getattr(opts, "rescale", False):
+        if recipe.method in ("ties", *_BREADCRUMBS) and getattr(opts, "rescale", False):
             params["rescale"] = True
+        if recipe.method in _BREADCRUMBS:
+            params["gamma"] = opts.gamma  # type: ignore[attr-defined]
         if recipe.method in ("dare_ties", "dare_linear"):
             params["rescale"] = opts.rescale != "none"  # type: ignore[attr-defined]
             comments.append("DARE masks are random: mergekit draws its own, so outputs agree in distribution only")

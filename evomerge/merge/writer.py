@@ -35,6 +35,8 @@ PAPERS = {
     "dare_linear": "https://arxiv.org/abs/2311.03099",
     "dare_ties": "https://arxiv.org/abs/2311.03099",
     "slerp": "https://en.wikipedia.org/wiki/Slerp",
+    "breadcrumbs": "https://arxiv.org/abs/2312.06795",
+    "breadcrumbs_ties": "https://arxiv.org/abs/2312.06795",
     "tsvm": "https://arxiv.org/abs/2412.00081",
     "r_tsvm": "https://arxiv.org/abs/2502.06876",
 }
