@@ -174,7 +174,7 @@ def test_mergekit_yaml_errors_name_the_field(cfg, match):
         from_mergekit(cfg, "cfg.yml")
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties"])
 def test_mergekit_round_trip(micro_pool, method):
     experts = {"a": str(micro_pool["expert_a"])} if method == "slerp" else {"a": str(micro_pool["expert_a"]), "b": str(micro_pool["expert_b"])}
     recipe = MergeRecipe(base=str(micro_pool["base"]), experts=experts, method=method, options={"rescale": "l1"} if "dare" in method else {})
