@@ -46,7 +46,7 @@ ROW_OVERRIDES: dict[str, list[str]] = {
     "lm-cocktail+safety": ["search.mode=lm-cocktail", "search.cocktail.use_safety=true"],
 }
 METHOD_FREE_ROWS = ("lm-cocktail", "lm-cocktail+safety")  # a weighted average whatever the method
-PAPER_NAMES = {"ties": "TIES", "dare_ties": "DARE-TIES", "tsvm": "TSVM", "r_tsvm": "R-TSVM", "linear": "linear"}
+PAPER_NAMES = {"ties": "TIES", "dare_ties": "DARE-TIES", "breadcrumbs": "Breadcrumbs", "breadcrumbs_ties": "Breadcrumbs-TIES", "tsvm": "TSVM", "r_tsvm": "R-TSVM", "linear": "linear"}
 
 
 class Targets(BaseModel):

@@ -19,14 +19,17 @@ def _eager_kernels(monkeypatch):
     """Eager kernels keep these tests fast; test_merge_fused.py checks the compiled ones."""
     monkeypatch.setenv("EVOMERGE_FUSED", "0")
 
-ALL_METHODS = ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "slerp", "tsvm", "r_tsvm"]
+ALL_METHODS = ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "slerp", "tsvm", "r_tsvm", "breadcrumbs", "breadcrumbs_ties"]
 METHOD_OPTIONS = {
     "task_arithmetic": [{}, {"normalize": True}],
     "linear": [{}, {"normalize": False}],
-    "ties": [{}, {"normalize": False}, {"density_grid": None}, {"variant": "original"}],
+    "ties": [{}, {"normalize": False}, {"density_grid": None}, {"variant": "original"}, {"rescale": True},
+             {"rescale": True, "density_grid": None, "normalize": False}],
     "dare_linear": [{}, {"rescale": "l1", "normalize": True}, {"rescale": "none"}],
     "dare_ties": [{}, {"normalize": True, "rescale": "l1"}],
     "slerp": [{}],
+    "breadcrumbs": [{}, {"normalize": True, "rescale": True, "gamma": 0.1}],
+    "breadcrumbs_ties": [{}, {"normalize": True, "rescale": True, "gamma": 0.05}],
     "tsvm": [{"storage": "dense"}, {"storage": "factored"}, {"exclude": ["*embed*"]}],
     "r_tsvm": [{"storage": "dense"}, {"storage": "factored", "order": "trunc_then_orth", "norm": "l1", "weight_1d": True}],
 }

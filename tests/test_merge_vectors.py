@@ -56,6 +56,42 @@ def test_ties_mergekit_vectors(grid, weights, normalize, expected):
     close(got, expected)
 
 
+@pytest.mark.parametrize("grid", [1024, None])
+def test_ties_rescale_keeps_each_l1_norm(grid):
+    """mergekit ``rescale: true``: every tau here has L1 78, the kept half (7..12) has 57,
+    so each trimmed delta is scaled by 78/57 before the usual TIES consensus."""
+    pool = _pool(T1, T2, T3)
+    got = _merge(pool, "ties", {"rescale": True, "density_grid": grid}, (1, 0.5, 2), [0.5] * 3)
+    want = torch.tensor([[0, -9, -9], [-8, 12, -8], [-7, 12, 11], [10.2, 10, 0]], dtype=torch.float64) * 78 / 57
+    close(got, want.tolist())
+    # density 1 keeps everything: no rescale
+    close(_merge(pool, "ties", {"rescale": True, "density_grid": grid}, (1,) * 3, [1.0] * 3),
+          _merge(pool, "ties", {"density_grid": grid}, (1,) * 3, [1.0] * 3).tolist())
+
+
+def test_breadcrumbs_vectors():
+    """n = 12, d = 0.5 -> K = 6, gamma = 0.1 -> int(1.2) = 1 outlier dropped: each expert
+    keeps magnitudes 6..11 (12 is the outlier, 1..5 are too small)."""
+    pool = _pool(T1, T2, T3)
+    opts = {"gamma": 0.1}
+    close(_merge(pool, "breadcrumbs", opts, (1, 1, 1), [0.5] * 3), [[6, 1, 7], [12, 0, -7], [0, 0, 11], [21, 4, -6]])
+    close(_merge(pool, "breadcrumbs_ties", opts, (1, 1, 1), [0.5] * 3), [[6, 10, 16], [20, 0, -7], [7, 0, 11], [21, 10, -6]])
+    # normalize divides by sum c; rescale: L1 78 over the kept 6+..+11 = 51
+    close(_merge(pool, "breadcrumbs", {**opts, "normalize": True}, (1, 1, 2), [0.5] * 3),
+          ((torch.tensor([[6, 1, 7], [12, 0, -7], [0, 0, 11], [21, 4, -6]]) + torch.tensor([[6, 0, -9], [-8, 0, -7], [0, 0, 11], [10, 0, 0]])) / 4).tolist())
+    close(_merge(pool, "breadcrumbs", {**opts, "rescale": True}, (1, 1, 1), [0.5] * 3),
+          (torch.tensor([[6, 1, 7], [12, 0, -7], [0, 0, 11], [21, 4, -6]], dtype=torch.float64) * 78 / 51).tolist())
+
+
+@pytest.mark.parametrize("n,density,gamma,band", [(100, 0.5, 0.1, (10, 60)), (100, 0.9, 0.2, (10, 100)), (100, 0.001, 0.01, (1, 1)),
+                                                 (100, 1.0, 0.1, (0, 100)), (35, 0.5, 0.1, (3, 20)), (10, 0.5, 0.01, (0, 5))])
+def test_breadcrumbs_band_matches_mergekit_counts(n, density, gamma, band):
+    """Kept ranks as mergekit 0.1.5's magnitude_outliers keeps them (probed on 1..n)."""
+    from evomerge.merge.methods import breadcrumbs_band
+
+    assert breadcrumbs_band(n, density, gamma) == band
+
+
 def test_ties_scale_and_weight_invariance():
     pool = _pool(T1, T2, T3)
     base = _merge(pool, "ties", {}, (1, 0.5, 2), [0.5] * 3)

@@ -124,7 +124,7 @@ def test_mergekit_yaml_input(micro_pool, tmp_path):
     }
     path = _write_yaml(tmp_path / "mk.yml", cfg)
     recipe = load_recipe(path)
-    assert recipe.method == "ties" and recipe.options == {"normalize": True, "density_grid": None}
+    assert recipe.method == "ties" and recipe.options == {"normalize": True, "density_grid": None, "rescale": False}
     assert list(recipe.experts) == ["expert_a", "expert_b"]
     out = tmp_path / "m"
     assert main(["merge", str(path), "--out", str(out)]) == 0
@@ -135,6 +135,21 @@ def test_mergekit_yaml_input(micro_pool, tmp_path):
         torch.testing.assert_close(written[name], want, atol=1e-6, rtol=1e-6)
 
 
+_MK = {"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}}]}
+
+
+def test_mergekit_trivial_tokenizer_and_ignored_lambda(caplog):
+    """``tokenizer: {source: base}`` is what evomerge does anyway; mergekit's linear/slerp
+    drop ``lambda`` unread, so evomerge ignores it too, with a warning."""
+    assert from_mergekit({**_MK, "tokenizer": {"source": "base"}}, "c").method == "ties"
+    recipe = from_mergekit({**_MK, "merge_method": "linear", "parameters": {"lambda": 0.5}}, "c")
+    assert recipe.genome.scale == 1.0
+    assert "lambda is ignored" in caplog.text
+    ties = from_mergekit({**_MK, "parameters": {"rescale": True, "lambda": 0.5}, "dtype": "bfloat16", "out_dtype": "float32"}, "c")
+    assert ties.options["rescale"] is True and ties.genome.scale == 0.5
+    assert (ties.compute_dtype, ties.dtype) == ("bfloat16", "float32")
+
+
 @pytest.mark.parametrize(
     "cfg,match",
     [
@@ -143,16 +158,23 @@ def test_mergekit_yaml_input(micro_pool, tmp_path):
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": [0.1, 0.2]}}]}, "weight"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, "no 'weight'"),
         ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}}], "parameters": {"gamma": 1}}, "gamma"),
+        ({**_MK, "tokenizer": {"source": "union"}}, "tokenizer.source 'union'"),
+        ({**_MK, "tokenizer": {"source": "base", "tokens": {"<x>": {"source": "b"}}}}, "tokenizer.tokens"),
+        ({**_MK, "chat_template": "chatml"}, "chat_template"),
+        ({**_MK, "tokenizer_source": "union"}, "tokenizer_source 'union'"),
+        ({**_MK, "merge_method": "linear", "parameters": {"rescale": True}}, "rescale has no meaning"),
+        ({**_MK, "parameters": {"rescale": True}, "options": 1}, "options"),
     ],
 )
 def test_mergekit_yaml_errors_name_the_field(cfg, match):
+    """Every mergekit feature evomerge does not reproduce is refused by name."""
     from evomerge.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         from_mergekit(cfg, "cfg.yml")
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties"])
 def test_mergekit_round_trip(micro_pool, method):
     experts = {"a": str(micro_pool["expert_a"])} if method == "slerp" else {"a": str(micro_pool["expert_a"]), "b": str(micro_pool["expert_b"])}
     recipe = MergeRecipe(base=str(micro_pool["base"]), experts=experts, method=method, options={"rescale": "l1"} if "dare" in method else {})
@@ -184,3 +206,26 @@ def test_layer_granularity_in_recipe(micro_pool, tmp_path):
     assert not (out / "mergekit_config.yml").exists()  # per-group genomes need mergekit slices
     spec = MergeRecipe.from_dict(_recipe(micro_pool)).genome.model_copy(update={"layer_granularity": 1})
     assert spec.to_genome(["a", "b"], num_layers=2).n_groups == 2
+
+
+def test_merge_explain_prints_groups_and_writes_nothing(micro_pool, tmp_path, capsys):
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(micro_pool["base"]),
+        "models": [
+            {"model": str(micro_pool["expert_a"]), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": str(micro_pool["expert_b"]), "parameters": {"weight": 0.4, "density": 0.7}},
+        ],
+        "parameters": {"rescale": True, "lambda": 0.9},
+        "dtype": "bfloat16",
+    }
+    path = _write_yaml(tmp_path / "mk.yml", cfg)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["merge", str(path), "--explain", "--out", str(tmp_path / "never")]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert "method: ties" in out and "rescale=True" in out
+    assert "rounded to bfloat16" in out and "output dtype: bfloat16" in out
+    assert "scale (lambda): 0.9" in out
+    assert "weights expert_a=0.6, expert_b=0.4; densities expert_a=0.3, expert_b=0.7" in out
+    assert "embeddings" in out and "lm_head" in out

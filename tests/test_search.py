@@ -333,3 +333,14 @@ def test_kill_9_then_resume_gives_the_same_run(tmp_path, recipe_data):
     subprocess.run(_cli(str(path), "--run-dir", str(killed), "--resume"), check=True, env=env, capture_output=True)
     pd.testing.assert_frame_equal(_table(killed), _table(tmp_path / "straight"))
     assert (killed / "best_genome.yaml").read_text() == (tmp_path / "straight" / "best_genome.yaml").read_text()
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_is_searchable_with_named_density_genes(recipe_data, method):
+    recipe_data["merge"] = {"method": method, "options": {"gamma": 0.05}, "fused": False}
+    r = recipe_from_dict(recipe_data)
+    space = GenomeSpace.from_recipe(r, num_layers=2)
+    assert space.uses_density and "d.0.a" in space.columns()
+    genome = space.to_genome([0.6, 0.4, 0.5, 0.7])
+    scored = CandidateEvaluator(r).evaluate(genome)
+    assert math.isfinite(scored.fitness)

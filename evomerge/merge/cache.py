@@ -79,6 +79,31 @@ class StatePool:
         return self.base_state[name]
 
 
+class RoundedInputsPool:
+    """A pool whose inputs are rounded to ``dtype`` before task vectors are taken.
+
+    This is mergekit's ``dtype``: its loader casts every input to it and takes the task
+    vectors in it, so both the inputs and ``expert - base`` are rounded here (the
+    latter matters for TIES, whose top-k then sees mergekit's magnitudes and ties).
+    The merge arithmetic after that stays float32 (mergekit's stays in ``dtype``).
+    """
+
+    def __init__(self, pool: Any, dtype: torch.dtype) -> None:
+        self._pool = pool
+        self.dtype = dtype
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return _specs(self._pool)
+
+    def iter_task_vectors(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        for name, base, taus in self._pool.iter_task_vectors(names):
+            b = base.to(self.dtype).float()
+            yield name, b, [((base + t).to(self.dtype).float() - b).to(self.dtype).float() for t in taus]
+
+
 def _specs(pool: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if hasattr(pool, "tensor_specs"):
         return pool.tensor_specs()
@@ -177,6 +202,8 @@ def scratch_elements(method: str, options: MethodOptions, n_experts: int) -> tup
         return n_experts + 2, "4*(T+2)*max_numel"
     if method in ("tsvm", "r_tsvm") and getattr(options, "storage", "") == "factored":
         return 3, "4*3*max_numel"
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        return n_experts + 1, "4*(T+1)*max_numel"
     return 1, "4*max_numel"
 
 
@@ -207,6 +234,8 @@ def estimate_cache_bytes(
         "dare_linear": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
         "dare_ties": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
         "slerp": "{e}*P + {e}*P",
+        "breadcrumbs": "{e}*P + {e}*T*P + sort order 4*T*P",
+        "breadcrumbs_ties": "{e}*P + {e}*T*P + sort order 4*T*P",
         "tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
         "r_tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
     }.get(method, "{e}*P + state").format(e=elem) + f" + scratch {scratch}"

@@ -71,8 +71,12 @@ def ties_kernel(
     coeffs: torch.Tensor,
     scale: torch.Tensor,
     normalize: bool,
+    num: torch.Tensor | None = None,
 ) -> None:
     """``out = base + scale * TIES(taus)`` where expert k keeps ``|x| > thr_k``.
+
+    ``num`` (default ``coeffs``) multiplies the kept values; the divisor always sums
+    ``coeffs``: mergekit's ``rescale`` scales the trimmed delta, not the weight.
 
     ``>=`` is expressed as ``> nextafter(t, -inf)`` by the caller, which also splits a
     tensor at the tie cut indices, so the kernel needs no index arithmetic.
@@ -80,7 +84,7 @@ def ties_kernel(
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k].float()  # a bf16/fp16 cache is widened here: the merge math stays fp32
-        ws.append(torch.where(x.abs() > thr[k], x * coeffs[k], 0.0))
+        ws.append(torch.where(x.abs() > thr[k], x * (coeffs if num is None else num)[k], 0.0))
     out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
@@ -93,6 +97,7 @@ def ties_cut_kernel(
     coeffs: torch.Tensor,
     scale: torch.Tensor,
     normalize: bool,
+    num: torch.Tensor | None = None,
 ) -> None:
     """:func:`ties_kernel` with the tie cut inside: expert k keeps ``|x| >= thr_k`` before
     flat index ``cut_k`` and ``|x| > thr_k`` after, so a whole tensor is one launch.
@@ -106,7 +111,7 @@ def ties_cut_kernel(
         x = taus[k].float()
         a = x.abs()
         keep = (a > thr[k]) | ((a == thr[k]) & (idx < cut[k]))
-        ws.append(torch.where(keep, x * coeffs[k], 0.0))
+        ws.append(torch.where(keep, x * (coeffs if num is None else num)[k], 0.0))
     out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
@@ -118,9 +123,12 @@ def ties_masked_kernel(
     coeffs: torch.Tensor,
     scale: torch.Tensor,
     normalize: bool,
+    num: torch.Tensor | None = None,
 ) -> None:
-    """TIES with explicit 0/1 keep masks ``(T, n)``: for ties cut in mergekit's sort order."""
-    ws = [torch.where(keep[k] > 0, taus[k].float() * coeffs[k], 0.0) for k in range(taus.shape[0])]
+    """TIES with explicit 0/1 keep masks ``(T, n)``: for ties cut in mergekit's sort order
+    and for breadcrumbs_ties' band of ranks."""
+    num = coeffs if num is None else num
+    ws = [torch.where(keep[k] > 0, taus[k].float() * num[k], 0.0) for k in range(taus.shape[0])]
     out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 

@@ -58,11 +58,13 @@ class MagnitudeTable:
     cut are resolved as mergekit resolves them.
     """
 
-    def __init__(self, values: torch.Tensor, grid: int | None) -> None:
+    def __init__(self, values: torch.Tensor, grid: int | None, l1: bool = False) -> None:
         flat = values.reshape(-1)
         self.n = n = flat.numel()
         self.grid = grid
         self.values = flat  # a view of the cached task vector: no extra memory
+        self.l1_total = float(flat.abs().sum(dtype=torch.float64))
+        self.l1_rows: list[float] | None = None
         if grid is None:
             mags = flat.abs().float().cpu()  # mergekit's order is the CPU (unstable) argsort's
             self.order: torch.Tensor | None = torch.argsort(mags, descending=True).to(torch.int32)
@@ -77,6 +79,11 @@ class MagnitudeTable:
         idx = order[torch.tensor(inner, dtype=torch.int64, device=order.device) - 1] if inner else order[:0]
         found = dict(zip(inner, zip(mags[idx].tolist(), idx.tolist())))  # one device sync per table
         self.rows = [self._stable_row(k, found.get(k)) for k in ks]
+        if l1:  # L1 norm of the kept top-K at each grid level, for mergekit's ``rescale``
+            csum = torch.cumsum(mags[order].double(), 0)
+            at = torch.tensor([max(k, 1) - 1 for k in ks], dtype=torch.int64, device=csum.device)
+            vals = csum[at].tolist() if n else [0.0] * len(ks)
+            self.l1_rows = [v if k > 0 else 0.0 for k, v in zip(ks, vals)]
 
     def _stable_row(self, k: int, at: tuple[float, int] | None) -> TopKQuery:
         """Row for K = k; ``at`` = (magnitude, flat index) of the k-th largest entry."""
@@ -116,6 +123,24 @@ class MagnitudeTable:
         """Grid level of ``density`` (nearest, clamped to ``[0, G]``)."""
         assert self.grid is not None
         return min(self.grid, max(0, round(density * self.grid)))
+
+    def kept_l1(self, density: float) -> float:
+        """``||top-K(x)||_1`` at ``density`` (the K that :meth:`query` keeps)."""
+        if self.n == 0 or density >= 1:
+            return self.l1_total
+        if self.order is not None:
+            k = mergekit_keep_count(density, self.n)
+            return float(self.values[self.order[:k].to(torch.int64).to(self.values.device)].abs().sum(dtype=torch.float64))
+        if self.l1_rows is None:
+            raise ValueError("MagnitudeTable built without l1=True")
+        return self.l1_rows[self.snap(density)]
+
+    def rescale(self, density: float) -> float:
+        """mergekit's ``rescale`` factor ``||x||_1 / ||top-K(x)||_1`` (1 when either is < 1e-7)."""
+        if density >= 1:
+            return 1.0
+        kept = self.kept_l1(density)
+        return 1.0 if kept < 1e-7 or self.l1_total < 1e-7 else self.l1_total / kept
 
     def query(self, density: float) -> TopKQuery:
         if self.n == 0 or density >= 1:

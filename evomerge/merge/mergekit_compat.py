@@ -9,6 +9,7 @@ refused by name rather than merged differently.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,26 @@ from evomerge.errors import ConfigError
 from evomerge.merge.genome import Genome
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
 
-SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp")
-_GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density"}
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
+# mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
+REFUSED = {
+    "della": "random per-row magnitude-ranked drop probabilities are not implemented yet",
+    "della_linear": "random per-row magnitude-ranked drop probabilities are not implemented yet",
+    "model_stock": "not implemented yet (no free coefficients to search)",
+    "sce": "not implemented yet",
+    "nuslerp": "not implemented yet",
+    "multislerp": "not implemented yet",
+    "karcher": "not implemented yet",
+    "passthrough": "not implemented yet (slices that stack layers change the architecture, which an in-place build cannot)",
+    "arcee_fusion": "not implemented yet",
+    "nearswap": "not implemented yet",
+    "ram": "not implemented yet",
+    "ramplus_tl": "not implemented yet",
+}
+_GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density", "gamma"}
+_BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
 _TOP_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -47,8 +66,13 @@ def _name_for(ref: str, taken: set[str]) -> str:
 def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> MergeRecipe:
     """Translate a mergekit config (already parsed YAML) into a :class:`MergeRecipe`."""
     method = data.get("merge_method")
+    if method in REFUSED:
+        raise ConfigError(f"{source}: merge_method '{method}' is not supported: {REFUSED[method]} "
+                          f"(supported: {', '.join(SUPPORTED)})")
     if method not in SUPPORTED:
         raise ConfigError(f"{source}: merge_method '{method}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if "gamma" in (data.get("parameters") or {}) and method not in _BREADCRUMBS:
+        raise ConfigError(f"{source}: parameters.gamma is not supported for '{method}' (only breadcrumbs has it)")
     if "slices" in data:
         raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
     unknown = sorted(set(data) - _TOP_KEYS)
@@ -57,6 +81,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     ts = data.get("tokenizer_source")
     if ts not in (None, "base"):
         raise ConfigError(f"{source}: tokenizer_source '{ts}' is not supported (the base's tokenizer is copied)")
+    _check_tokenizer(data, source)
     params = dict(data.get("parameters") or {})
     bad = sorted(set(params) - _GLOBAL_KEYS)
     if bad:
@@ -73,6 +98,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     experts: dict[str, str] = {}
     weights: dict[str, float] = {}
     densities: dict[str, float] = {}
+    gammas: dict[str, float] = {}
     taken: set[str] = set()
     for i, entry in enumerate(models):
         if isinstance(entry, str):
@@ -82,7 +108,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         ref = entry["model"]
         ref = ref.get("model") if isinstance(ref, dict) else str(ref)
         p = dict(entry.get("parameters") or {})
-        extra = sorted(set(p) - {"weight", "density"})
+        extra = sorted(set(p) - ({"weight", "density", "gamma"} if method in _BREADCRUMBS else {"weight", "density"}))
         if extra:
             raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported")
         if method != "linear" and ref == base:
@@ -95,6 +121,8 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         if w is None:
             raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
         weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        if method in _BREADCRUMBS:
+            gammas[name] = _scalar(p.get("gamma", params.get("gamma", 0.01)), f"{source}: models[{i}].parameters.gamma")
         densities[name] = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
         if not 0.0 <= densities[name] <= 1.0:
             raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {densities[name]:g} must lie in "
@@ -105,15 +133,29 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         raise ConfigError(f"{source}: no models besides the base_model")
 
     options: dict[str, Any] = {}
+    if "rescale" in params and method in ("task_arithmetic", "linear", "slerp"):
+        raise ConfigError(f"{source}: parameters.rescale has no meaning for '{method}' (nothing is trimmed)")
     if method == "ties":
-        options = {"normalize": bool(params.get("normalize", True)), "density_grid": None}
+        options = {"normalize": bool(params.get("normalize", True)), "density_grid": None, "rescale": bool(params.get("rescale", False))}
     elif method in ("dare_ties", "dare_linear"):
         options = {"normalize": bool(params.get("normalize", False)), "rescale": "l1" if params.get("rescale", True) else "none"}
     elif method == "task_arithmetic":
         options = {"normalize": bool(params.get("normalize", False))}
+    elif method in _BREADCRUMBS:
+        if len(set(gammas.values())) > 1:
+            raise ConfigError(f"{source}: per-model gamma values differ ({gammas}); evomerge's breadcrumbs takes one "
+                              "gamma for all models (a static option, not a searched gene)")
+        gamma = next(iter(gammas.values()), 0.01)
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"{source}: parameters.gamma = {gamma:g} must lie in [0, 1] (the fraction of outliers dropped)")
+        options = {"normalize": bool(params.get("normalize", False)), "rescale": bool(params.get("rescale", False)), "gamma": gamma}
     elif method == "linear":
         options = {"normalize": bool(params.get("normalize", True))}
     scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
+    if method in ("linear", "slerp") and "lambda" in params:
+        # mergekit's linear and slerp take no lambda and drop it unread; do the same, aloud
+        log.warning("%s: parameters.lambda is ignored: mergekit's %s has no lambda (it would not scale the merge)", source, method)
+        scale = 1.0
     if method == "slerp":
         if len(experts) != 1:
             raise ConfigError(f"{source}: slerp needs base_model plus exactly one other model, got {len(experts)}")
@@ -121,13 +163,36 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
             raise ConfigError(f"{source}: slerp needs parameters.t")
         weights = {next(iter(experts)): _scalar(params["t"], f"{source}: parameters.t")}
         densities = {}
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConfigError(f"{source}: dtype '{dtype}' is not supported (float32, bfloat16, float16)")
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in _DTYPES:
+            raise ConfigError(f"{source}: {key} '{data[key]}' is not supported (float32, bfloat16, float16)")
+    # mergekit: ``dtype`` is what inputs are cast to and computed in, ``out_dtype``
+    # (default: dtype) what is written; evomerge rounds the inputs to ``dtype`` and
+    # computes in float32 (see docs/merging.md for the measured difference)
+    compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
+    out = data.get("out_dtype") or data.get("dtype")
     genome = GenomeSpec(weights=weights, densities=densities or None, scale=scale)
     return MergeRecipe(
-        base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(dtype) if dtype else None, genome=genome
+        base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
+        compute_dtype=None if compute == "float32" else compute, genome=genome,
     )
+
+
+def _check_tokenizer(data: dict[str, Any], source: str) -> None:
+    """Only the trivial tokenizer choice (the base's, unchanged) is accepted; anything that
+    would build a different vocabulary or chat template is refused by name."""
+    tok = data.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, dict):
+            raise ConfigError(f"{source}: tokenizer must be a mapping (e.g. {{source: base}})")
+        extra = sorted(k for k, v in tok.items() if k != "source" and v not in (None, {}, []))
+        if tok.get("source", "base") != "base" or extra:
+            what = f"tokenizer.{extra[0]}" if extra else f"tokenizer.source '{tok.get('source')}'"
+            raise ConfigError(f"{source}: {what} is not supported: evomerge copies the base's tokenizer unchanged "
+                              "(a union or added tokens would change the embedding rows)")
+    if data.get("chat_template") is not None:
+        raise ConfigError(f"{source}: chat_template is not supported: evomerge copies the base's tokenizer files and "
+                          "chat template unchanged")
 
 
 def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
@@ -167,6 +232,10 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
         else:
             cfg["base_model"] = recipe.base
             params["lambda"] = genome.scale
+        if recipe.method in ("ties", *_BREADCRUMBS) and getattr(opts, "rescale", False):
+            params["rescale"] = True
+        if recipe.method in _BREADCRUMBS:
+            params["gamma"] = opts.gamma  # type: ignore[attr-defined]
         if recipe.method in ("dare_ties", "dare_linear"):
             params["rescale"] = opts.rescale != "none"  # type: ignore[attr-defined]
             comments.append("DARE masks are random: mergekit draws its own, so outputs agree in distribution only")
@@ -174,7 +243,9 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
                 comments.append("evomerge rescaled kept values by 1/density; mergekit >= 0.1 matches the L1 norm instead")
         cfg["models"] = models
         cfg["parameters"] = params
-    cfg["dtype"] = recipe.dtype or "float32"
+    cfg["dtype"] = recipe.compute_dtype or "float32"
+    if recipe.dtype and recipe.dtype != cfg["dtype"]:
+        cfg["out_dtype"] = recipe.dtype
     text = yaml.safe_dump(cfg, sort_keys=False)
     header = "# Reproduce with: mergekit-yaml mergekit_config.yml OUTPUT_DIR\n" + "".join(f"# note: {c}\n" for c in comments)
     return header + text, ""

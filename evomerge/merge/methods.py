@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge import fused as F
@@ -56,6 +56,19 @@ class TiesOptions(MethodOptions):
     density_grid: int | None = Field(
         1024, ge=1, description="snap densities to g/G (tiny tables); null = exact densities (4 B/element/expert)"
     )
+    rescale: bool = Field(False, description="mergekit's rescale: scale each trimmed delta back to its L1 norm")
+
+    @model_validator(mode="after")
+    def _rescale_needs_mergekit(self) -> TiesOptions:
+        if self.rescale and self.variant == "original":
+            raise ValueError("rescale: only the mergekit variant rescales trimmed deltas (the paper's TIES does not)")
+        return self
+
+
+class BreadcrumbsOptions(MethodOptions):
+    normalize: bool = False
+    rescale: bool = Field(False, description="scale each sparsified delta back to its L1 norm (mergekit's rescale)")
+    gamma: float = Field(0.01, ge=0.0, le=1.0, description="fraction of the largest |tau| dropped as outliers")
 
 
 class DareOptions(MethodOptions):
@@ -287,7 +300,15 @@ class Ties(_Base):
         stack = _stack(taus, info.cache_dtype)  # tables read these stored values, widened to fp32
         if options.variant == "original":
             return TiesState(stack, [])  # global tables are built in finalize()
-        return TiesState(stack, [K.MagnitudeTable(row, options.density_grid) for row in stack])
+        return TiesState(stack, [K.MagnitudeTable(row, options.density_grid, l1=options.rescale) for row in stack])
+
+    @staticmethod
+    def _num(state: TiesState, cand: Candidate, options: Any) -> torch.Tensor | None:
+        """Kept-value multipliers ``c_k * ||tau_k||_1/||trim(tau_k)||_1`` with ``rescale``, else None."""
+        if not getattr(options, "rescale", False):
+            return None
+        f = [table.rescale(d) for table, d in zip(state.tables, cand.densities)]
+        return cand.coeffs * torch.tensor(f, dtype=torch.float32, device=cand.coeffs.device)
 
     def finalize(self, states: list[TiesState], options) -> None:
         if options.variant != "original" or not states:
@@ -346,9 +367,10 @@ class Ties(_Base):
         if options.variant == "mergekit" and ctx is not None:
             rows, thr, cut, scales = ctx
             i = rows[id(state)]
-            F.run("ties_cut", ws.compiled, dst, state.taus, base, thr[i], cut[i], cand.coeffs, scales[i], options.normalize)
+            F.run("ties_cut", ws.compiled, dst, state.taus, base, thr[i], cut[i], cand.coeffs, scales[i], options.normalize, self._num(state, cand, options))
             return
         if options.variant == "mergekit":
+            num = self._num(state, cand, options)
             queries = [table.query(d) for table, d in zip(state.tables, cand.densities)]
             scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
             if any(q.ties is not None for q in queries):  # exact mode, ties straddle the cut
@@ -357,7 +379,7 @@ class Ties(_Base):
                 absb = ws.get("abs", n)
                 for k, q in enumerate(queries):
                     K.topk_keep(_abs_into(state.taus[k], absb), q, keep[k])
-                F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize)
+                F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, num)
                 return
             # Expert k keeps |x| >= t_k before its cut index and |x| > t_k after; split the
             # tensor at the cuts so each piece is one strict comparison per expert.
@@ -367,7 +389,7 @@ class Ties(_Base):
             bounds = sorted({0, n, *(q.cut for q in queries if 0 < q.cut < n)})
             for lo, hi in zip(bounds, bounds[1:]):
                 thr = torch.where(torch.tensor([lo < q.cut for q in queries]), t_loose, t_strict).to(base.device)
-                F.run("ties", ws.compiled, dst[lo:hi], state.taus[:, lo:hi], base[lo:hi], thr, cand.coeffs, scale, options.normalize)
+                F.run("ties", ws.compiled, dst[lo:hi], state.taus[:, lo:hi], base[lo:hi], thr, cand.coeffs, scale, options.normalize, num)
             return
         # original variant: global thresholds and the model-wide majority sign (ctx)
         t, n = state.taus.shape
@@ -384,6 +406,88 @@ class Ties(_Base):
         count = scratch.sign_().sum(0).clamp_(min=1)  # agreeing nonzero entries
         delta.div_(count)
         torch.add(base, delta, alpha=cand.scale, out=dst)
+
+
+# --------------------------------------------------------------------------- breadcrumbs
+def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ranks ``[lo, hi)`` (by descending ``|tau|``) that breadcrumbs keeps, as mergekit 0.1.5.
+
+    ``K = int(d*n)`` entries are kept (none when ``K == 0``, all at ``d >= 1``) after the
+    ``int(gamma*n)`` largest are dropped, fewer dropped when that would leave under K.
+    """
+    if density >= 1:
+        return 0, n
+    k = max(0, int(density * n))
+    top = min(int(gamma * n), n - k)
+    return top, top + k
+
+
+@dataclass
+class BreadcrumbsState:
+    taus: torch.Tensor  # (T, n)
+    order: torch.Tensor  # (T, n) int32: descending-|tau| order (mergekit's CPU argsort)
+    l1: list[float]  # ||tau_k||_1
+
+
+@register_method("breadcrumbs")
+class Breadcrumbs(_Base):
+    """Model Breadcrumbs (arXiv 2312.06795), mergekit semantics: per tensor and expert keep
+    the ``K = int(d*n)`` largest ``|tau|`` after dropping the ``gamma`` outliers on top,
+    optionally rescale to the L1 norm, then a weighted sum (``/ sum c`` with normalize).
+
+    The sort is done once in prepare (4 B per element and expert); a build scatters the
+    kept band of ranks into a 0/1 mask, so any density is exact.
+    """
+
+    options_model = BreadcrumbsOptions
+    uses_density = True
+    ties: ClassVar[bool] = False
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return (elem + 4) * n_experts * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> BreadcrumbsState:
+        stack = _stack(taus, info.cache_dtype)
+        order = torch.stack([torch.argsort(row.abs().float().cpu(), descending=True).to(torch.int32) for row in stack])
+        l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
+        return BreadcrumbsState(stack, order.to(stack.device), l1)
+
+    def _keep(self, state: BreadcrumbsState, cand: Candidate, ws: Workspace, options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        t, n = state.taus.shape
+        keep = ws.get("keep", t * n).view(t, n)
+        num = []
+        for k, d in enumerate(cand.densities):
+            lo, hi = breadcrumbs_band(n, d, options.gamma)
+            idx = state.order[k, lo:hi].to(torch.int64)
+            if hi - lo == n:
+                keep[k].fill_(1)
+            else:
+                keep[k].zero_().index_fill_(0, idx, 1)
+            f = 1.0
+            if options.rescale and d < 1:
+                kept = float(state.taus[k, idx].float().abs().sum(dtype=torch.float64))
+                f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
+            num.append(cand.weights[k] * f)
+        return keep, torch.tensor(num, dtype=torch.float32, device=state.taus.device)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        keep, num = self._keep(state, cand, ws, options)
+        scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+        if self.ties:
+            F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, num)
+            return
+        total = sum(cand.weights)
+        if options.normalize and abs(total) >= 1e-8:
+            num = num / total
+        keep.mul_(state.taus)  # the kept tau values (fp32) overwrite the mask
+        _affine(base, keep, num * cand.scale, dst, ws)
+
+
+@register_method("breadcrumbs_ties")
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs sparsification, then TIES's sign election and disjoint (weighted) merge."""
+
+    ties = True
 
 
 # --------------------------------------------------------------------------- DARE

@@ -5,6 +5,7 @@
     method: ties
     options: {normalize: true, density_grid: null}
     dtype: bfloat16                 # output dtype (default: the base's)
+    compute_dtype: bfloat16         # round inputs to this first, as mergekit's ``dtype`` (default: none)
     genome:
       weights: {math: 0.6, code: 0.4}      # or per layer group: {math: [0.6, 0.5], ...}
       densities: {math: 0.5, code: 0.5}
@@ -80,6 +81,8 @@ class MergeRecipe(BaseModel):
     method: str
     options: dict[str, Any] = {}
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # mergekit's ``dtype``: inputs are rounded to it before any arithmetic (which stays float32)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     genome: GenomeSpec | None = None
 
     @model_validator(mode="after")

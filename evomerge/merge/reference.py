@@ -15,7 +15,7 @@ import torch
 from evomerge.merge import kernels as K
 from evomerge.merge.cache import POST, PRE, layer_of
 from evomerge.merge.genome import Genome
-from evomerge.merge.methods import RTsvm, Slerp, Tsvm, dare_rescale, get_method, parse_options
+from evomerge.merge.methods import RTsvm, Slerp, Tsvm, breadcrumbs_band, dare_rescale, get_method, parse_options
 
 
 def _argsort_mask(x: torch.Tensor, keep: int, stable: bool) -> torch.Tensor:
@@ -32,6 +32,14 @@ def _snapped_keep(density: float, n: int, grid: int | None) -> int:
         return K.mergekit_keep_count(density, n)
     k = (min(grid, max(0, round(density * grid))) * n) // grid
     return max(1, k) if density > 0 and n else k
+
+
+def _l1_rescaled(tau: torch.Tensor, masked: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return masked
+    before = float(tau.abs().sum(dtype=torch.float64))
+    after = float(masked.abs().sum(dtype=torch.float64))
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
 
 
 def _consensus(w: torch.Tensor, c: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -60,6 +68,8 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
         trimmed = torch.stack(
             [t * _argsort_mask(t, _snapped_keep(dk, t.numel(), opts.density_grid), stable) for t, dk in zip(taus, d)]
         )
+        if opts.rescale:  # mergekit: each trimmed delta scaled back to its own L1 norm
+            trimmed = torch.stack([_l1_rescaled(t, m, dk) for t, m, dk in zip(taus, trimmed, d)])
         return _consensus(cb * trimmed, c, opts.normalize)
     if method == "ties":  # original: global thresholds and majority come from ctx
         trimmed = torch.stack([t * (t.abs() >= thr) for t, thr in zip(taus, ctx["thresholds"])])
@@ -68,6 +78,20 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
         elected[elected == 0] = ctx["majority"]
         sel = wt * (wt.sign() == elected)
         return sel.sum(0) / (sel != 0).sum(0).clamp(min=1)
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        rows = []
+        for t, dk in zip(taus, d):
+            lo, hi = breadcrumbs_band(t.numel(), dk, opts.gamma)
+            order = torch.argsort(t.abs().reshape(-1).float(), descending=True)
+            mask = torch.zeros(t.numel(), dtype=torch.bool)
+            mask[order[lo:hi]] = True
+            masked = t * mask.view_as(t)
+            rows.append(_l1_rescaled(t, masked, dk) if opts.rescale else masked)
+        wt = cb * torch.stack(rows)
+        if method == "breadcrumbs_ties":
+            return _consensus(wt, c, opts.normalize)
+        total = sum(w)
+        return wt.sum(0) / (total if opts.normalize and abs(total) >= 1e-8 else 1.0)
     if method in ("dare_linear", "dare_ties"):
         rows = []
         for k, (t, dk) in enumerate(zip(taus, d)):

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from evomerge.io_utils import atomic_directory, check_replaceable
-from evomerge.merge.cache import build, prepare
+from evomerge.merge.cache import RoundedInputsPool, build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
@@ -35,6 +35,8 @@ PAPERS = {
     "dare_linear": "https://arxiv.org/abs/2311.03099",
     "dare_ties": "https://arxiv.org/abs/2311.03099",
     "slerp": "https://en.wikipedia.org/wiki/Slerp",
+    "breadcrumbs": "https://arxiv.org/abs/2312.06795",
+    "breadcrumbs_ties": "https://arxiv.org/abs/2312.06795",
     "tsvm": "https://arxiv.org/abs/2412.00081",
     "r_tsvm": "https://arxiv.org/abs/2502.06876",
 }
@@ -142,7 +144,10 @@ def write_merged_model(
         if done == total or done * 10 // total != (done - 1) * 10 // total:
             log.info("merge: %d of %d tensors read and merged (%d%%)", done, total, 100 * done // total)
 
-    cache = prepare(pool, recipe.method, recipe.options, device=device, fused=False, progress=report)
+    source: Any = pool
+    if recipe.compute_dtype and recipe.compute_dtype != "float32":
+        source = RoundedInputsPool(pool, getattr(torch, recipe.compute_dtype))
+    cache = prepare(source, recipe.method, recipe.options, device=device, fused=False, progress=report)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     state = build(cache, g, dtype=dtype)
     for name, tensor in state.items():  # the inputs are finite; an output dtype can still overflow
@@ -168,6 +173,59 @@ def write_merged_model(
         (tmp / "README.md").write_text(model_card(resolved, g, mk_yaml, why_not))
     log.info("wrote %s (%s, %d tensors)", out_dir, recipe.method, len(state))
     return out_dir
+
+
+def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None, load_options: LoadOptions | None = None) -> str:
+    """What ``write_merged_model`` would compute, per tensor group, without computing it.
+
+    Reads only the checkpoints' headers and configs. Each line is one layer group of the
+    genome (the tensors that share weights and densities), so a user can check that a
+    (mergekit) config means what they think before spending a merge on it.
+    """
+    from evomerge.merge.cache import POST, PRE, _specs, layer_of
+    from evomerge.merge.methods import get_method
+
+    pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
+    g = resolve_genome(recipe, pool, genome)
+    names = list(recipe.experts)
+    specs = _specs(pool)
+    num_layers = getattr(pool.base.config, "num_hidden_layers", None) or 1
+    impl = get_method(recipe.method)
+    opts = recipe.method_options
+    base_dtypes = sorted({str(d).removeprefix("torch.") for _, d in specs.values() if d.is_floating_point})
+    compute = recipe.compute_dtype or "float32"
+    lines = [
+        f"method: {recipe.method}  options: " + ", ".join(f"{k}={v}" for k, v in opts.model_dump().items()),
+        f"base: {recipe.base}",
+        *(f"expert {n}: {recipe.experts[n]}" for n in names),
+        f"inputs: {'/'.join(base_dtypes)}; " + (f"inputs and task vectors rounded to {compute}, " if compute != "float32" else "")
+        + "arithmetic in float32; output dtype: " + (recipe.dtype or f"the base's ({'/'.join(base_dtypes)})"),
+        f"scale (lambda): {g.scale:g}; layer groups: {g.n_groups} over {num_layers} layers",
+    ]
+    groups: dict[int, list[str]] = {}
+    copied = 0
+    for name, (_, dtype) in specs.items():
+        if not dtype.is_floating_point:
+            copied += 1
+            continue
+        layer = layer_of(name)
+        grp = 0 if layer == PRE else g.n_groups - 1 if layer == POST else min(g.n_groups - 1, layer * g.n_groups // num_layers)
+        groups.setdefault(grp, []).append(name)
+    for grp in sorted(groups):
+        members = groups[grp]
+        layers = sorted({layer_of(n) for n in members if layer_of(n) >= 0})
+        where = f"layers {layers[0]}-{layers[-1]}" if layers else "no decoder layers"
+        extra = [w for w, flag in (("embeddings", any(layer_of(n) == PRE for n in members)),
+                                   ("final norm/lm_head", any(layer_of(n) == POST for n in members))) if flag]
+        desc = ", ".join(f"{n}={g.weights[grp][k]:g}" for k, n in enumerate(names))
+        line = f"group {grp} ({where}{''.join(' + ' + e for e in extra)}; {len(members)} tensors): weights {desc}"
+        if impl.uses_density and g.densities is not None:
+            line += "; densities " + ", ".join(f"{n}={g.densities[grp][k]:g}" for k, n in enumerate(names))
+        lines.append(line)
+    if copied:
+        lines.append(f"{copied} non-float tensor(s) copied from the base")
+    lines.append("nothing was written (--explain)")
+    return "\n".join(lines)
 
 
 def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
