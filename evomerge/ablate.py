@@ -180,8 +180,12 @@ def _requeue(study, factors: list[Factor], owned: bool) -> int:
 
 def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | Path,
                  overrides: list[str] | None = None, storage: str | None = None,
-                 eval_config: EvalConfig | None = None, study_name: str | None = None) -> AblationResult:
-    """Run (or resume) every grid point; then write the tables and figures."""
+                 eval_config: EvalConfig | None = None, study_name: str | None = None,
+                 strict: bool | None = None) -> AblationResult:
+    """Run (or resume) every grid point; then write the tables and figures.
+
+    Before anything runs, the contamination guard checks every grid point's search data
+    against the held-out sets (warning, or refusing with ``strict``)."""
     import optuna
 
     from evomerge.report import NO_HELDOUT_CHECK, search_and_evaluate
@@ -196,10 +200,19 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     folder = Path(folder)
     overrides = list(overrides or [])
     base = load_search_recipe(recipe_path, overrides)
+    variants = [base]
     for f in factors:  # every grid value must make a valid recipe: fail before running anything
         for v in f.values:
-            load_search_recipe(recipe_path, [*overrides, f"{f.path}={_yaml(v)}"])
+            variants.append(load_search_recipe(recipe_path, [*overrides, f"{f.path}={_yaml(v)}"]))
     config = eval_config or eval_config_for(base)
+    from evomerge.contamination import guard_search
+
+    checked = set()
+    for variant in variants:  # each distinct set of search data once
+        key = (variant.data.model_dump_json(), tuple(variant.contamination.also))
+        if key not in checked:
+            checked.add(key)
+            guard_search(variant, strict, sets=config.sets)
     spec = {"recipe": str(recipe_path), "overrides": overrides, "factors": [
         {"name": f.name, "path": f.path, "values": list(f.values)} for f in factors], "eval": config.model_dump()}
     # only once every grid point is known to be valid. With the default SQLite study this

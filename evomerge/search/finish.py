@@ -109,6 +109,13 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
         "Weights and densities are listed per layer group, first group first.",
         "",
     ]
+    checked = result.run_dir / "contamination.json"
+    if checked.exists():
+        found = json.loads(checked.read_text())
+        state = "clean" if found["clean"] else "FOUND: " + "; ".join(
+            f"{s} " + ", ".join(f"{n} {k}" for k, n in kinds.items()) for s, kinds in found["counts"].items())
+        lines += [f"Contamination check (evaluation prompts vs search data; exact, normalised, "
+                  f"{found['ngram']}-word runs): {state}.", ""]
     if heldout is not None:
         sizes = ", ".join(f"{k} n={v}" for k, v in heldout.attrs.get("sizes", {}).items())
         lines += ["## Held-out check (greedy answers; refusal phrases; exact match), percent", "",

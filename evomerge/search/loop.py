@@ -92,12 +92,16 @@ def run_search(
     runs_root: str | os.PathLike[str] = "runs",
     progress: bool = True,
     write_outputs: bool = True,
+    strict: bool | None = None,
 ) -> SearchResult:
     """Run (or resume) a search and return its best candidate.
 
     ``run_dir`` defaults to ``runs_root/<name>-<timestamp>``; with ``resume`` and no
     ``run_dir`` the newest run of this recipe under ``runs_root`` is continued.
     ``write_outputs=False`` skips the post-search work (report, model, held-out check).
+    Before the first generation the contamination guard compares the evaluation prompts
+    with the search data (``recipe.contamination``); ``strict`` (default: the recipe's
+    ``contamination.strict``) refuses to start on a finding instead of warning.
     """
     if run_dir is None:
         root = Path(runs_root)
@@ -112,9 +116,18 @@ def run_search(
             while run_dir.exists():  # two runs started within the same second
                 run_dir = root / f"{RunDir.new_id(recipe)}-{suffix}"
                 suffix += 1
+    contamination = None
+    if recipe.contamination.check:
+        from evomerge.contamination import guard_search
+
+        contamination = guard_search(recipe, strict)  # before the folder exists: a refusal writes nothing
     run = RunDir(run_dir)
     state = run.open(recipe, resume, force)  # takes the folder's lock, held until the end
     try:
+        if contamination is not None:
+            from evomerge.runfolder import dumps_report
+
+            atomic_write_text(run / "contamination.json", dumps_report(contamination.as_dict()))
         return _run_locked(recipe, run, state, progress, write_outputs)
     except BaseException:
         run.discard_if_empty()  # a failure before the first generation leaves nothing behind
