@@ -13,7 +13,10 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
                         help=f"prompt sets: names ({sets}) or KIND:PATH with KIND unsafe, benign or domain.NAME "
                         "(default: the zoo's sets for zoo models, else the real unsafe sets)")
     parser.add_argument("--out", help="write the table as FILE.csv (+ FILE.md, FILE.answers.parquet)")
-    parser.add_argument("--judge", default="llama_guard", help="judge of unsafe answers (llama_guard, refusal_strings)")
+    parser.add_argument("--judge", action="append", metavar="NAME[=MODEL]",
+                        help="judge of unsafe answers: llama_guard (default), shieldgemma, wildguard, refusal_strings; "
+                        "repeat for several: the first gives 'alignment', each 'alignment[NAME]', each pair "
+                        "'agreement[A|B]'")
     parser.add_argument("--guard", help="the Llama Guard model (default: zoo:guard for zoo models, "
                         "else meta-llama/Llama-Guard-3-8B)")
     parser.add_argument("--limit", type=int, help="rows per set (a fixed random subset)")
@@ -28,17 +31,22 @@ def config_from_args(args: argparse.Namespace, models: list[str]) -> EvalConfig:
     from evomerge.evaluation import JudgeConfig, is_zoo_ref
 
     zoo = any(is_zoo_ref(m) for m in models)
+    guard = args.guard or ("zoo:guard" if zoo else None)
+    judges = [JudgeConfig.parse(text, guard) for text in (args.judge or ["llama_guard"])]
     fields: dict = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "seed": args.seed,
-                    "limit": args.limit, "judge": JudgeConfig(name=args.judge, model=args.guard)}
+                    "limit": args.limit, "judge": judges[0], "extra_judges": judges[1:]}
     if args.prompts:
         fields["sets"] = args.prompts
     elif not zoo:
         fields["sets"] = ["uncensorbench", "strongreject"]
     if args.max_new_tokens:
         fields["max_new_tokens"] = args.max_new_tokens
+    from evomerge.merge.recipe import validate_mapping
+
     if zoo:
-        return EvalConfig.for_zoo(**fields | {"judge": JudgeConfig(name=args.judge, model=args.guard or "zoo:guard")})
-    return EvalConfig(**({"max_new_tokens": 256} | fields))
+        return validate_mapping(EvalConfig, {"judge": JudgeConfig(model="zoo:guard"), "max_new_tokens": 64} | fields,
+                                "--judge/--prompts")
+    return validate_mapping(EvalConfig, {"max_new_tokens": 256} | fields, "--judge/--prompts")
 
 
 def _print(frame, title: str) -> None:
@@ -83,6 +91,8 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_models(args.models, config_from_args(args, args.models))
     sizes = ", ".join(f"{k} {v}" for k, v in result.sizes.items())
     _print(result.table, f"held-out evaluation, percent ({sizes}; {result.seconds:.0f} s)")
+    if result.agreement is not None and not result.agreement.empty:
+        _print(result.agreement, "judge agreement on the unsafe answers (percent; kappa: Cohen's)")
     _save(result, args.out)
     return 0
 
