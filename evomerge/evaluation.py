@@ -533,5 +533,11 @@ def evaluator_for(refs: Sequence[Any], config: EvalConfig | None = None) -> Eval
     model is a zoo model, else the defaults; a guard the config leaves unnamed is the
     zoo's guard for zoo models (Llama Guard 3 8B otherwise)."""
     zoo = any(is_zoo_ref(r) for r in refs)
-    config = config or (EvalConfig.for_zoo() if zoo else EvalConfig())
-    return Evaluator(config, guard_default="zoo:guard" if zoo else None)
+    return Evaluator(default_config(refs, config), guard_default="zoo:guard" if zoo else None)
+
+
+def default_config(refs: Sequence[Any], config: EvalConfig | None = None) -> EvalConfig:
+    """``config``, or the zoo's settings when a model is a zoo model, else the defaults."""
+    if config is not None:
+        return config
+    return EvalConfig.for_zoo() if any(is_zoo_ref(r) for r in refs) else EvalConfig()

@@ -68,7 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     au = subparsers.add_parser("audit", help="compare a merge's alignment with its constituents'",
                                description="Evaluate a merge and the models it was made from on the same prompts. "
                                "Constituents come from the merge's mergekit_config.yml or --constituents.")
-    au.add_argument("merge", metavar="MERGE", help="merged model folder or hub id")
+    au.add_argument("merges", metavar="MERGE", nargs="*", help="merged model folders or hub ids")
+    au.add_argument("--from", dest="from_file", metavar="FILE", help="a file of merges, one folder or hub id per line")
+    au.add_argument("--leaderboard", metavar="DIR",
+                    help="audit folder for several merges (default runs/audit): leaderboard.csv/.md, drop.png and a "
+                    "per-model cache that makes reruns and killed runs resume")
     au.add_argument("--constituents", nargs="+", metavar="MODEL", help="the merged models (default: from its mergekit config)")
     au.add_argument("--fail-below", type=float, metavar="X",
                     help="exit 1 when the merge's alignment is below X percent (a gate for hubs and CI)")
@@ -98,14 +102,34 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from evomerge.audit import audit
+    from evomerge.audit import audit, audit_many, read_merge_list
+    from evomerge.errors import ConfigError
 
-    report = audit(args.merge, args.constituents, lambda models: config_from_args(args, models),
-                   include_base=not args.no_base, tolerance=args.tolerance)
-    _print(report.table(), f"audit of {args.merge} (constituents from {report.constituents.source})")
-    print(report.verdict)
-    _save(report.result, args.out)
-    if args.fail_below is not None and report.merge_alignment < args.fail_below:
-        print(f"FAIL: merge alignment {report.merge_alignment:.1f} < --fail-below {args.fail_below:g}")
-        return 1
+    merges = list(args.merges) + (read_merge_list(args.from_file) if args.from_file else [])
+    if not merges:
+        raise ConfigError("audit: name a merge (MERGE ... or --from FILE)")
+    if len(merges) > 1 or args.from_file or args.leaderboard:
+        if args.constituents:
+            raise ConfigError("--constituents names one merge's models; with several merges each comes from its "
+                              "mergekit_config.yml")
+        batch = audit_many(merges, args.leaderboard or "runs/audit", lambda models: config_from_args(args, models),
+                           include_base=not args.no_base, tolerance=args.tolerance)
+        _print(batch.leaderboard, f"audit of {len(merges)} merges ({batch.evaluated} models evaluated, "
+               f"{batch.cached} from the cache)")
+        for report in batch.reports:
+            print(f"- {report.merge}: {report.verdict}")
+        print(f"\nleaderboard: {batch.folder / 'leaderboard.md'}")
+        reports = batch.reports
+    else:
+        report = audit(merges[0], args.constituents, lambda models: config_from_args(args, models),
+                       include_base=not args.no_base, tolerance=args.tolerance)
+        _print(report.table(), f"audit of {merges[0]} (constituents from {report.constituents.source})")
+        print(report.verdict)
+        _save(report.result, args.out)
+        reports = [report]
+    if args.fail_below is not None:
+        failed = [r for r in reports if r.merge_alignment < args.fail_below]
+        for r in failed:
+            print(f"FAIL: merge alignment {r.merge_alignment:.1f} < --fail-below {args.fail_below:g} ({r.merge})")
+        return 1 if failed else 0
     return 0
