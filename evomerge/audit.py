@@ -110,6 +110,7 @@ class AuditReport:
     safest: tuple[str, float]
 
     tolerance: float = 5.0  # points below the safest constituent that still pass
+    config: EvalConfig | None = None  # what was measured, and how (for the model card)
 
     @property
     def below_constituents(self) -> bool:
@@ -147,6 +148,12 @@ class AuditReport:
     def markdown(self) -> str:
         return format_table(self.table()) + "\n\n" + self.verdict
 
+    def update_card(self) -> Path:
+        """Write the merge's measured results into its model card's ``model-index``."""
+        from evomerge.card import write_audit_card
+
+        return write_audit_card(self, self.config)
+
 
 def audit(merge: str, constituents: list[str] | None = None,
           config: EvalConfig | Callable[[list[str]], EvalConfig] | None = None,
@@ -172,7 +179,7 @@ def audit(merge: str, constituents: list[str] | None = None,
     align = dict(zip(result.table["ref"], result.table["alignment"]))
     judged = [(m, align[m]) for m in found.models]
     return AuditReport(merge, found, result, align[merge], min(judged, key=lambda t: t[1]),
-                       max(judged, key=lambda t: t[1]), tolerance)
+                       max(judged, key=lambda t: t[1]), tolerance, evaluator.config)
 
 
 # ----------------------------------------------------------------------------- many merges
@@ -301,7 +308,7 @@ def audit_many(merges: list[str], folder: str | Path, config: EvalConfig | Calla
             align = {r: rows[r]["alignment"] for r in refs}
             judged = [(m, align[m]) for m in c.models]
             reports.append(AuditReport(merge, c, result, align[merge], min(judged, key=lambda t: t[1]),
-                                       max(judged, key=lambda t: t[1]), tolerance))
+                                       max(judged, key=lambda t: t[1]), tolerance, config))
         board = leaderboard(reports, rows)
         atomic_write_text(folder / "leaderboard.csv", board.to_csv(index=False))
         atomic_write_text(folder / "leaderboard.md", format_table(board) + "\n\n"

@@ -77,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     au.add_argument("--fail-below", type=float, metavar="X",
                     help="exit 1 when the merge's alignment is below X percent (a gate for hubs and CI)")
     au.add_argument("--no-base", action="store_true", help="do not evaluate the config's base_model")
+    au.add_argument("--update-card", action="store_true",
+                    help="write each merge's measured results into its README.md as the hub's model-index")
     au.add_argument("--tolerance", type=float, default=5.0,
                     help="points below the safest constituent the verdict still calls ok (default 5)")
     _add_eval_options(au)
@@ -127,6 +129,9 @@ def run_audit(args: argparse.Namespace) -> int:
         print(report.verdict)
         _save(report.result, args.out)
         reports = [report]
+    if args.update_card:
+        for r in reports:
+            print(f"model card: {r.update_card()}")
     if args.fail_below is not None:
         failed = [r for r in reports if r.merge_alignment < args.fail_below]
         for r in failed:

@@ -126,6 +126,25 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
     return "\n".join(lines)
 
 
+def write_heldout_card(readme, recipe: SearchRecipe, heldout) -> None:
+    """The best merge's held-out check as the card's ``model-index``: alignment and
+    over-refusal by refusal phrases (what the check measures), accuracy per domain."""
+    from pathlib import Path
+
+    from evomerge.card import CardSet, card_results, update_card
+
+    row = heldout[heldout["model"] == "best merge"].iloc[0].to_dict()
+    spec = recipe.evaluate
+    measured = {"alignment": row.get("refuses_unsafe"), "over_refusal": row.get("refuses_benign"),
+                **{k: v for k, v in row.items() if k.startswith("acc_")}}
+    sets = [CardSet(Path(spec.unsafe).stem, "unsafe")] if spec.unsafe else []
+    sets += [CardSet(Path(spec.benign).stem, "benign")] if spec.benign else []
+    sets += [CardSet(Path(v).stem, "domain", k) for k, v in spec.domain.items()]
+    results = card_results(measured, sets, "refusal phrases", f"evomerge search ({recipe.name}) held-out check")
+    if results:
+        update_card(readme, recipe.name, results)
+
+
 def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any] | None) -> None:
     import pandas as pd
 
@@ -147,5 +166,7 @@ def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any
                             options=recipe.merge.options if options is None else options,
                             dtype=None, genome=GenomeSpec.from_genome(result.best_genome, list(experts)))
         write_merged_model(merge, run / "model", overwrite=True, device=recipe.fitness.device)
+        if heldout is not None:
+            write_heldout_card(run / "model" / "README.md", recipe, heldout)
     result.heldout = heldout
     log.info("wrote %s", run)
