@@ -329,17 +329,21 @@ def display_table(table):
 
 
 def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: str | Path = "runs",
-               strict: bool | None = None) -> ReportResult:
+               strict: bool | None = None, report_to: list[str] | tuple[str, ...] = ()) -> ReportResult:
     """Run (or resume) every search of the table, evaluate, and write the report folder.
 
     The contamination guard compares the report's held-out sets with the search data
-    first; its result is stated in report.md, and ``strict`` refuses to start on a finding."""
+    first; its result is stated in report.md, and ``strict`` refuses to start on a finding.
+    ``report_to``: experiment trackers (``evomerge.tracking``) that get every row of the table."""
     import pandas as pd
 
     from evomerge.search import load_search_recipe
 
     start = time.perf_counter()
     from evomerge.search.evaluator import sharing_preparation
+    from evomerge.tracking import check_report_to
+
+    report_to = check_report_to(report_to)  # a misspelt tracker fails before hours of searches
 
     search_recipe = load_search_recipe(recipe.search, recipe.overrides)
     cells = plan(recipe)
@@ -371,5 +375,13 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
         atomic_write_text(folder / "contamination.json", dumps_report(contamination.as_dict()))
         markdown = _markdown(recipe, search_recipe, table, checks, evaluator, seconds, contamination)
         atomic_write_text(folder / "report.md", markdown + "\n")
+        if report_to:
+            from evomerge.tracking import open_trackers
+
+            rows = [{**r, "row": f"{r['method']}/{r['search']}/{r['model']}"} for r in table.to_dict("records")]
+            with open_trackers(report_to, folder, recipe.name, recipe.model_dump(mode="json")) as trackers:
+                trackers.log_table("table1", rows, "row")
+                trackers.log_metrics({"contamination/hits": len(contamination.hits)})
+                trackers.log_text("report.md", markdown)
         log.info("wrote %s", folder)
         return ReportResult(folder, table, checks, markdown, seconds)

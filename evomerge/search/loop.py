@@ -159,6 +159,20 @@ def _check_data(recipe: SearchRecipe, run: RunDir, state: SearchState, current: 
 
 def _run_locked(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progress: bool,
                 write_outputs: bool) -> SearchResult:
+    from evomerge.tracking import open_trackers
+
+    params = recipe.model_dump(by_alias=True, mode="json")
+    with open_trackers(recipe.report_to, run.path, run.path.name, params) as trackers:
+        result = _search(recipe, run, state, progress, write_outputs, trackers)
+        trackers.log_metrics({f"best/{k}": v for k, v in result.best.items() if k != "genome"}, result.state.generation)
+        trackers.log_text("best_genome.yaml", (run / "best_genome.yaml").read_text())
+        if result.heldout is not None:
+            trackers.log_table("heldout", result.heldout.to_dict("records"), "model", result.state.generation)
+        return result
+
+
+def _search(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progress: bool, write_outputs: bool,
+            trackers) -> SearchResult:
     fingerprints = data_fingerprints(recipe)
     if state is not None:
         _check_data(recipe, run, state, fingerprints)
@@ -174,7 +188,7 @@ def _run_locked(recipe: SearchRecipe, run: RunDir, state: SearchState | None, pr
                      len(state.candidates))
             replay(proposer, state, space, run)
         state.finished = False
-        _loop(recipe, run, state, proposer, backend, space, progress)
+        _loop(recipe, run, state, proposer, backend, space, progress, trackers)
     finally:
         backend.close()  # workers' caches and models are freed before the finish steps
 
@@ -247,7 +261,7 @@ def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: EvaluationBackend, space: GenomeSpace,
-          show_progress: bool) -> None:
+          show_progress: bool, trackers=None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -283,6 +297,9 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: Evaluation
             state.elapsed_s = time.perf_counter() - started
             run.save_checkpoint(state)
             run.write_tables(state)
+            if trackers is not None:  # after the checkpoint: a tracker never holds a generation the run lacks
+                trackers.log_metrics({f"search/{k}": v for k, v in gen.items() if k != "generation"},
+                                     gen["generation"])
             console.print(_generation_line(gen))
     state.finished = True
     state.elapsed_s = time.perf_counter() - started

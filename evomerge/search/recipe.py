@@ -198,6 +198,17 @@ class SearchRecipe(_Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     contamination: ContaminationSpec = ContaminationSpec()
     write_model: bool = True
+    report_to: list[str] = []  # experiment trackers: tensorboard, mlflow, wandb (evomerge.tracking)
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from evomerge.tracking import check_report_to
+
+        try:
+            return check_report_to(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None  # so the error names the field
 
     @field_validator("name")
     @classmethod
