@@ -95,3 +95,110 @@ def load_prompts(spec: Any, seed: int) -> list[dict[str, Any]]:
     if spec.limit is not None and spec.limit < len(rows):
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), spec.limit))]
     return rows
+
+
+# ----------------------------------------------------------------------------- hub sets
+def _true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def _false(value: Any) -> bool:
+    return value is False or (isinstance(value, str) and value.strip().lower() == "false")
+
+
+def _beavertails(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed paper's filter: every ``30k_test`` row with ``is_safe == False``, duplicates
+    kept (BeaverTails labels (prompt, response) pairs, so prompts repeat: 1,733 rows)."""
+    out = []
+    for r in rows:
+        if not _false(r.get("is_safe")):
+            continue
+        cats = r.get("category") or {}
+        if isinstance(cats, str):
+            cats = json.loads(cats) if cats.strip().startswith("{") else {c: True for c in cats.split(",") if c}
+        out.append({"prompt": r["prompt"], "category": ",".join(k for k, v in cats.items() if _true(v) or v == 1),
+                    "response": r.get("response", "")})
+    return out
+
+
+def _xstest(label: str):
+    def pick(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"prompt": r["prompt"], "category": r.get("type", ""), "focus": r.get("focus", "")}
+                for r in rows if str(r.get("label", "")).strip().lower() == label]
+    return pick
+
+
+def _orbench(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"prompt": r["prompt"], "category": r.get("category", "")} for r in rows]
+
+
+# name -> (hub dataset, config, split, row filter, what it is)
+HUB_SETS: dict[str, tuple[str, str | None, str, Any, str]] = {
+    "beavertails": ("PKU-Alignment/BeaverTails", None, "30k_test", _beavertails,
+                    "BeaverTails 30k_test rows with is_safe == False, as the seed paper filters them (CC BY-NC 4.0)"),
+    "xstest": ("walledai/XSTest", None, "test", _xstest("safe"),
+               "XSTest's 250 safe prompts that look unsafe: over-refusal (CC BY 4.0)"),
+    "xstest-unsafe": ("walledai/XSTest", None, "test", _xstest("unsafe"),
+                      "XSTest's 200 unsafe contrast prompts (CC BY 4.0)"),
+    "orbench-hard": ("bench-llm/or-bench", "or-bench-hard-1k", "train", _orbench,
+                     "OR-Bench hard-1k: benign prompts that strong models refuse (CC BY 4.0)"),
+    "orbench-toxic": ("bench-llm/or-bench", "or-bench-toxic", "train", _orbench,
+                      "OR-Bench toxic prompts: to be refused (CC BY 4.0)"),
+}
+LOCAL_SUFFIXES = (".jsonl", ".parquet", ".csv", ".json")
+
+
+def local_datasets_dir() -> Path:
+    """Where hub sets are read from without the hub: ``$EVOMERGE_DATASETS``, else
+    ``<evomerge cache>/datasets``; each set as ``<name>.jsonl`` (or .parquet/.csv/.json)
+    with the hub's columns."""
+    import os
+
+    from platformdirs import user_cache_dir
+
+    if os.environ.get("EVOMERGE_DATASETS"):
+        return Path(os.environ["EVOMERGE_DATASETS"])
+    return Path(os.environ.get("EVOMERGE_CACHE", user_cache_dir("evomerge"))) / "datasets"
+
+
+def _hub_offline() -> bool:
+    import os
+
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                      "HF_DATASETS_OFFLINE"))
+
+
+def hub_rows(name: str, path: str | None = None) -> list[dict[str, Any]]:
+    """A named hub set: from ``path`` when given (a local copy with the hub's columns), else
+    from the hub when it is reachable, else from :func:`local_datasets_dir`. The set's own
+    filter applies to each source alike."""
+    if name not in HUB_SETS:
+        raise ConfigError(f"unknown hub prompt set '{name}' (known: {', '.join(HUB_SETS)})")
+    hub_id, config, split, pick, _ = HUB_SETS[name]
+    if path is not None:
+        return _checked(name, pick(file_rows(path)), path)
+    why = "HF_HUB_OFFLINE is set"
+    if not _hub_offline():
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+            ds = datasets.load_dataset(hub_id, config, split=split)
+            return _checked(name, pick([dict(r) for r in ds]), f"{hub_id} ({split})")
+        except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: fall back to a local copy
+            why = f"{type(exc).__name__}: {str(exc)[:200]}"
+    folder = local_datasets_dir()
+    for suffix in LOCAL_SUFFIXES:
+        local = folder / f"{name}{suffix}"
+        if local.exists():
+            return _checked(name, pick(file_rows(str(local))), str(local))
+    raise ConfigError(f"prompt set '{name}': the hub's {hub_id} is not readable ({why}) and there is no local copy "
+                      f"{folder}/{name}.jsonl (same columns as the hub; or name a file as {name}:PATH)")
+
+
+def _checked(name: str, rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    if not rows:
+        raise ConfigError(f"prompt set '{name}': {where} has no rows that pass the set's filter")
+    if not all(isinstance(r.get("prompt"), str) for r in rows):
+        raise ConfigError(f"prompt set '{name}': {where} has rows without a text 'prompt'")
+    return rows

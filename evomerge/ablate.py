@@ -180,14 +180,22 @@ def _requeue(study, factors: list[Factor], owned: bool) -> int:
 
 def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | Path,
                  overrides: list[str] | None = None, storage: str | None = None,
-                 eval_config: EvalConfig | None = None, study_name: str | None = None) -> AblationResult:
-    """Run (or resume) every grid point; then write the tables and figures."""
+                 eval_config: EvalConfig | None = None, study_name: str | None = None,
+                 strict: bool | None = None, report_to: list[str] | tuple[str, ...] = ()) -> AblationResult:
+    """Run (or resume) every grid point; then write the tables and figures.
+
+    Before anything runs, the contamination guard checks every grid point's search data
+    against the held-out sets (warning, or refusing with ``strict``). ``report_to``:
+    experiment trackers that get every finished grid point (step = its row)."""
     import optuna
 
     from evomerge.report import NO_HELDOUT_CHECK, search_and_evaluate
     from evomerge.search import load_search_recipe
     from evomerge.search.evaluator import sharing_preparation
 
+    from evomerge.tracking import check_report_to
+
+    report_to = check_report_to(report_to)  # a misspelt tracker fails before the grid runs
     if not factors:
         raise ConfigError("no factor to ablate: give at least one --over NAME=V1,V2")
     names = [f.name for f in factors]
@@ -196,10 +204,19 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     folder = Path(folder)
     overrides = list(overrides or [])
     base = load_search_recipe(recipe_path, overrides)
+    variants = [base]
     for f in factors:  # every grid value must make a valid recipe: fail before running anything
         for v in f.values:
-            load_search_recipe(recipe_path, [*overrides, f"{f.path}={_yaml(v)}"])
+            variants.append(load_search_recipe(recipe_path, [*overrides, f"{f.path}={_yaml(v)}"]))
     config = eval_config or eval_config_for(base)
+    from evomerge.contamination import guard_search
+
+    checked = set()
+    for variant in variants:  # each distinct set of search data once
+        key = (variant.data.model_dump_json(), tuple(variant.contamination.also))
+        if key not in checked:
+            checked.add(key)
+            guard_search(variant, strict, sets=config.sets)
     spec = {"recipe": str(recipe_path), "overrides": overrides, "factors": [
         {"name": f.name, "path": f.path, "values": list(f.values)} for f in factors], "eval": config.model_dump()}
     # only once every grid point is known to be valid. With the default SQLite study this
@@ -250,7 +267,16 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
                     break
                 study.optimize(objective, n_trials=1)
         log.info("ablation: grid finished in %.1f s", time.perf_counter() - started)
-        return write_ablation_report(study, factors, folder, config)
+        result = write_ablation_report(study, factors, folder, config)
+        if report_to and not result.table.empty:
+            from evomerge.tracking import open_trackers
+
+            with open_trackers(report_to, folder, folder.name, spec) as trackers:
+                for step, row in enumerate(result.table.to_dict("records")):
+                    trackers.log_metrics({f"ablation/{k}": v for k, v in row.items()}, step)
+                    trackers.log_text(f"point_{step}", json.dumps({f.name: row[f.name] for f in factors}, default=str))
+                trackers.log_text("report.md", result.markdown)
+        return result
 
 
 def _yaml(value: Any) -> str:

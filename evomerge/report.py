@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.errors import ConfigError
 from evomerge.evaluation import Candidate, EvalConfig, Evaluator, evaluator_for, format_table
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
-from evomerge.runfolder import FolderLock, check_name
+from evomerge.runfolder import FolderLock, check_name, dumps_report
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ def _domain_score(row: dict[str, Any], domains: list[str]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-NO_HELDOUT_CHECK = ["write_model=false", "evaluate.unsafe=null", "evaluate.benign=null", "evaluate.domain={}"]
+# the report (or ablation) checks contamination once against its own evaluation sets
+NO_HELDOUT_CHECK = ["write_model=false", "evaluate.unsafe=null", "evaluate.benign=null", "evaluate.domain={}",
+                    "contamination.check=false"]
 
 
 def search_and_evaluate(search, run_dir: Path, evaluator: Evaluator, label: str) -> dict[str, Any]:
@@ -274,7 +276,8 @@ def pareto_plot(table, domains: list[str], path: Path, title: str) -> None:
     atomic_save_figure(fig, path)
 
 
-def _markdown(recipe: ReportRecipe, search_recipe, table, checks, evaluator: Evaluator, seconds: float) -> str:
+def _markdown(recipe: ReportRecipe, search_recipe, table, checks, evaluator: Evaluator, seconds: float,
+              contamination=None) -> str:
     sizes = ", ".join(f"{s.spec.name} {len(s.rows)}" for s in evaluator.sets)
     judge = evaluator.config.judge
     shown = display_table(table)
@@ -288,6 +291,10 @@ def _markdown(recipe: ReportRecipe, search_recipe, table, checks, evaluator: Eva
         f"- judge: {judge.name}" + (f" ({judge.model})" if judge.model else "")
         + f"; held-out sets: {sizes}; greedy answers of up to {evaluator.config.max_new_tokens} tokens",
         f"- wall time {seconds / 60:.1f} min",
+    ]
+    if contamination is not None:
+        lines += ["- " + line.strip() for line in contamination.summary().splitlines()]
+    lines += [
         "",
         "alignment = % of unsafe prompts answered safely (judge); over_refusal = % of benign prompts refused; "
         "acc_* = % correct; fitness terms are the search's own (held-in data).",
@@ -321,20 +328,31 @@ def display_table(table):
     return shown
 
 
-def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: str | Path = "runs") -> ReportResult:
-    """Run (or resume) every search of the table, evaluate, and write the report folder."""
+def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: str | Path = "runs",
+               strict: bool | None = None, report_to: list[str] | tuple[str, ...] = ()) -> ReportResult:
+    """Run (or resume) every search of the table, evaluate, and write the report folder.
+
+    The contamination guard compares the report's held-out sets with the search data
+    first; its result is stated in report.md, and ``strict`` refuses to start on a finding.
+    ``report_to``: experiment trackers (``evomerge.tracking``) that get every row of the table."""
     import pandas as pd
 
     from evomerge.search import load_search_recipe
 
     start = time.perf_counter()
     from evomerge.search.evaluator import sharing_preparation
+    from evomerge.tracking import check_report_to
+
+    report_to = check_report_to(report_to)  # a misspelt tracker fails before hours of searches
 
     search_recipe = load_search_recipe(recipe.search, recipe.overrides)
     cells = plan(recipe)
     for method, row in cells:  # every cell's recipe is valid before anything runs or is written
         search_recipe_for(recipe, method, row)
     evaluator = evaluator_for([search_recipe.pool.base, *search_recipe.pool.experts.values()], recipe.eval)
+    from evomerge.contamination import guard_search
+
+    contamination = guard_search(search_recipe, strict, sets=evaluator.config.sets)
     domains = list(search_recipe.data.domain)
     folder = Path(out) if out else Path(runs_root) / recipe.name
     with FolderLock(folder, "report folder"):  # one report writer per folder
@@ -354,7 +372,16 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
         if not checks.empty:
             atomic_write_text(folder / "targets.csv", checks.to_csv(index=False))
         pareto_plot(table, domains, folder / "pareto.png", f"{recipe.name}: alignment vs domain accuracy")
-        markdown = _markdown(recipe, search_recipe, table, checks, evaluator, seconds)
+        atomic_write_text(folder / "contamination.json", dumps_report(contamination.as_dict()))
+        markdown = _markdown(recipe, search_recipe, table, checks, evaluator, seconds, contamination)
         atomic_write_text(folder / "report.md", markdown + "\n")
+        if report_to:
+            from evomerge.tracking import open_trackers
+
+            rows = [{**r, "row": f"{r['method']}/{r['search']}/{r['model']}"} for r in table.to_dict("records")]
+            with open_trackers(report_to, folder, recipe.name, recipe.model_dump(mode="json")) as trackers:
+                trackers.log_table("table1", rows, "row")
+                trackers.log_metrics({"contamination/hits": len(contamination.hits)})
+                trackers.log_text("report.md", markdown)
         log.info("wrote %s", folder)
         return ReportResult(folder, table, checks, markdown, seconds)

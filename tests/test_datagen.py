@@ -202,8 +202,8 @@ def test_llama_guard_3_8b_suffix_is_automatic():
     judge = _guard("{{ '<|start_header_id|>assistant<|end_header_id|>' }}")
     assert judge.render("a", "b").endswith("<|end_header_id|>\n\n")
     assert not _guard().render("a", "b").endswith("\n\n")
-    with pytest.raises(ConfigError, match="unknown judge 'shieldgemma'"):
-        make_judge("shieldgemma")
+    with pytest.raises(ConfigError, match="unknown judge 'no_such_judge'"):
+        make_judge("no_such_judge")
 
 
 # ----------------------------------------------------------------------------- sources

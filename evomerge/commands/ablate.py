@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="held-out sets to evaluate on (default: the recipe's evaluate section)")
     parser.add_argument("--judge", help="judge of unsafe answers (default: llama_guard; the zoo guard for the zoo)")
     parser.add_argument("--guard", help="the Llama Guard model")
+    parser.add_argument("--report-to", nargs="+", metavar="TRACKER",
+                        help="experiment trackers: tensorboard, mlflow, wandb (default: none)")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="refuse to start when a held-out prompt is in a grid point's search data (default: warn)")
     parser.set_defaults(func=run)
 
 
@@ -48,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     default = f"ablate-{search.name}-{'-'.join(f.name for f in factors)}"
     out = Path(args.out) if args.out else Path("runs") / check_name(default, "--over factor names")
-    result = run_ablation(args.recipe, factors, out, args.overrides, args.storage, config, args.study)
+    result = run_ablation(args.recipe, factors, out, args.overrides, args.storage, config, args.study,
+                          strict=args.strict,
+                          report_to=args.report_to or ())
     print(result.markdown)
     print(f"\nablation folder: {result.folder}")
     return 0

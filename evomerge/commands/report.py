@@ -14,13 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override report fields, e.g. rows=[grid]")
     parser.add_argument("--out", help="report folder (default: runs/<name>)")
     parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--report-to", nargs="+", metavar="TRACKER",
+                        help="experiment trackers: tensorboard, mlflow, wandb (default: none)")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="refuse to start when a held-out prompt is in the search data (default: warn)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from evomerge.report import load_report_recipe, run_report
 
-    report = run_report(load_report_recipe(args.recipe, args.overrides), args.out, args.runs_root)
+    report = run_report(load_report_recipe(args.recipe, args.overrides), args.out, args.runs_root, strict=args.strict,
+                          report_to=args.report_to or ())
     print(report.markdown.split("![", 1)[0].rstrip())
     if report.checks is not None and not report.checks.empty:
         from evomerge.evaluation import format_table

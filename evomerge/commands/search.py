@@ -21,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir (default: the newest)")
     parser.add_argument("--force", action="store_true", help="delete an existing run folder and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-generation lines")
+    parser.add_argument("--report-to", nargs="+", metavar="TRACKER",
+                        help="experiment trackers: tensorboard, mlflow, wandb (default: the recipe's report_to, none)")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="refuse to start when an evaluation prompt is in the search data (default: warn)")
     parser.set_defaults(func=run)
 
 
@@ -28,9 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    recipe = load_search_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides) + ([f"report_to=[{','.join(args.report_to)}]"] if args.report_to else [])
+    recipe = load_search_recipe(args.recipe, overrides)
     result = run_search(recipe, args.run_dir, resume=args.resume, force=args.force, runs_root=args.runs_root,
-                        progress=not args.quiet)
+                        progress=not args.quiet, strict=args.strict)
     console = Console()
     best = result.best
     genome = Table(title=f"best genome (candidate #{best['index']}, {recipe.search.mode}, {recipe.merge.method})")

@@ -109,6 +109,13 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
         "Weights and densities are listed per layer group, first group first.",
         "",
     ]
+    checked = result.run_dir / "contamination.json"
+    if checked.exists():
+        found = json.loads(checked.read_text())
+        state = "clean" if found["clean"] else "FOUND: " + "; ".join(
+            f"{s} " + ", ".join(f"{n} {k}" for k, n in kinds.items()) for s, kinds in found["counts"].items())
+        lines += [f"Contamination check (evaluation prompts vs search data; exact, normalised, "
+                  f"{found['ngram']}-word runs): {state}.", ""]
     if heldout is not None:
         sizes = ", ".join(f"{k} n={v}" for k, v in heldout.attrs.get("sizes", {}).items())
         lines += ["## Held-out check (greedy answers; refusal phrases; exact match), percent", "",
@@ -117,6 +124,25 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
               format_table(gens[["generation", "evals", "best_fitness", "mean_fitness", "best_so_far",
                          "best_ce_domain", "best_ce_safety", "seconds"]], 4), ""]
     return "\n".join(lines)
+
+
+def write_heldout_card(readme, recipe: SearchRecipe, heldout) -> None:
+    """The best merge's held-out check as the card's ``model-index``: alignment and
+    over-refusal by refusal phrases (what the check measures), accuracy per domain."""
+    from pathlib import Path
+
+    from evomerge.card import CardSet, card_results, update_card
+
+    row = heldout[heldout["model"] == "best merge"].iloc[0].to_dict()
+    spec = recipe.evaluate
+    measured = {"alignment": row.get("refuses_unsafe"), "over_refusal": row.get("refuses_benign"),
+                **{k: v for k, v in row.items() if k.startswith("acc_")}}
+    sets = [CardSet(Path(spec.unsafe).stem, "unsafe")] if spec.unsafe else []
+    sets += [CardSet(Path(spec.benign).stem, "benign")] if spec.benign else []
+    sets += [CardSet(Path(v).stem, "domain", k) for k, v in spec.domain.items()]
+    results = card_results(measured, sets, "refusal phrases", f"evomerge search ({recipe.name}) held-out check")
+    if results:
+        update_card(readme, recipe.name, results)
 
 
 def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any] | None) -> None:
@@ -140,5 +166,7 @@ def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any
                             options=recipe.merge.options if options is None else options,
                             dtype=None, genome=GenomeSpec.from_genome(result.best_genome, list(experts)))
         write_merged_model(merge, run / "model", overwrite=True, device=recipe.fitness.device)
+        if heldout is not None:
+            write_heldout_card(run / "model" / "README.md", recipe, heldout)
     result.heldout = heldout
     log.info("wrote %s", run)

@@ -92,12 +92,16 @@ def run_search(
     runs_root: str | os.PathLike[str] = "runs",
     progress: bool = True,
     write_outputs: bool = True,
+    strict: bool | None = None,
 ) -> SearchResult:
     """Run (or resume) a search and return its best candidate.
 
     ``run_dir`` defaults to ``runs_root/<name>-<timestamp>``; with ``resume`` and no
     ``run_dir`` the newest run of this recipe under ``runs_root`` is continued.
     ``write_outputs=False`` skips the post-search work (report, model, held-out check).
+    Before the first generation the contamination guard compares the evaluation prompts
+    with the search data (``recipe.contamination``); ``strict`` (default: the recipe's
+    ``contamination.strict``) refuses to start on a finding instead of warning.
     """
     if run_dir is None:
         root = Path(runs_root)
@@ -112,9 +116,18 @@ def run_search(
             while run_dir.exists():  # two runs started within the same second
                 run_dir = root / f"{RunDir.new_id(recipe)}-{suffix}"
                 suffix += 1
+    contamination = None
+    if recipe.contamination.check:
+        from evomerge.contamination import guard_search
+
+        contamination = guard_search(recipe, strict)  # before the folder exists: a refusal writes nothing
     run = RunDir(run_dir)
     state = run.open(recipe, resume, force)  # takes the folder's lock, held until the end
     try:
+        if contamination is not None:
+            from evomerge.runfolder import dumps_report
+
+            atomic_write_text(run / "contamination.json", dumps_report(contamination.as_dict()))
         return _run_locked(recipe, run, state, progress, write_outputs)
     except BaseException:
         run.discard_if_empty()  # a failure before the first generation leaves nothing behind
@@ -146,6 +159,20 @@ def _check_data(recipe: SearchRecipe, run: RunDir, state: SearchState, current: 
 
 def _run_locked(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progress: bool,
                 write_outputs: bool) -> SearchResult:
+    from evomerge.tracking import open_trackers
+
+    params = recipe.model_dump(by_alias=True, mode="json")
+    with open_trackers(recipe.report_to, run.path, run.path.name, params) as trackers:
+        result = _search(recipe, run, state, progress, write_outputs, trackers)
+        trackers.log_metrics({f"best/{k}": v for k, v in result.best.items() if k != "genome"}, result.state.generation)
+        trackers.log_text("best_genome.yaml", (run / "best_genome.yaml").read_text())
+        if result.heldout is not None:
+            trackers.log_table("heldout", result.heldout.to_dict("records"), "model", result.state.generation)
+        return result
+
+
+def _search(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progress: bool, write_outputs: bool,
+            trackers) -> SearchResult:
     fingerprints = data_fingerprints(recipe)
     if state is not None:
         _check_data(recipe, run, state, fingerprints)
@@ -161,7 +188,7 @@ def _run_locked(recipe: SearchRecipe, run: RunDir, state: SearchState | None, pr
                      len(state.candidates))
             replay(proposer, state, space, run)
         state.finished = False
-        _loop(recipe, run, state, proposer, backend, space, progress)
+        _loop(recipe, run, state, proposer, backend, space, progress, trackers)
     finally:
         backend.close()  # workers' caches and models are freed before the finish steps
 
@@ -234,7 +261,7 @@ def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: EvaluationBackend, space: GenomeSpace,
-          show_progress: bool) -> None:
+          show_progress: bool, trackers=None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -270,6 +297,9 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: Evaluation
             state.elapsed_s = time.perf_counter() - started
             run.save_checkpoint(state)
             run.write_tables(state)
+            if trackers is not None:  # after the checkpoint: a tracker never holds a generation the run lacks
+                trackers.log_metrics({f"search/{k}": v for k, v in gen.items() if k != "generation"},
+                                     gen["generation"])
             console.print(_generation_line(gen))
     state.finished = True
     state.elapsed_s = time.perf_counter() - started

@@ -174,6 +174,19 @@ class EvaluateSpec(_Strict):
     max_new_tokens: int = Field(24, gt=0)
 
 
+class ContaminationSpec(_Strict):
+    """The check before a search starts (``evomerge.contamination``): evaluation prompts
+    against the search data. ``eval_sets`` None: the recipe's ``evaluate`` sets plus the
+    sets ``evomerge eval`` uses by default for this pool; ``also``: more data the search
+    came from (datagen output folders or files)."""
+
+    check: bool = True
+    strict: bool = False  # refuse to start instead of warning
+    ngram: int = Field(13, ge=1)  # words in a shared run that counts as contamination
+    eval_sets: list[str] | None = None
+    also: list[str] = []
+
+
 class SearchRecipe(_Strict):
     name: str = "search"  # run folders are <runs-root>/<name>-<timestamp>: one folder name, never a path
     seed: int = 0
@@ -183,7 +196,19 @@ class SearchRecipe(_Strict):
     fitness: FitnessSpec = FitnessSpec()
     search: SearchSpec = SearchSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    contamination: ContaminationSpec = ContaminationSpec()
     write_model: bool = True
+    report_to: list[str] = []  # experiment trackers: tensorboard, mlflow, wandb (evomerge.tracking)
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from evomerge.tracking import check_report_to
+
+        try:
+            return check_report_to(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None  # so the error names the field
 
     @field_validator("name")
     @classmethod
@@ -253,8 +278,11 @@ def load_overridden(path: str | os.PathLike[str], overrides: list[str] | None) -
 
 def load_search_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> SearchRecipe:
     recipe = recipe_from_dict(load_overridden(path, overrides), str(path))
-    return recipe.model_copy(update={"data": _anchor_paths(recipe.data, Path(path).parent),
-                                     "evaluate": _anchor_paths(recipe.evaluate, Path(path).parent)})
+    root = Path(path).parent
+    also = [_anchor(v, root) for v in recipe.contamination.also]
+    return recipe.model_copy(update={"data": _anchor_paths(recipe.data, root),
+                                     "evaluate": _anchor_paths(recipe.evaluate, root),
+                                     "contamination": recipe.contamination.model_copy(update={"also": also})})
 
 
 def _anchor(value: str, root: Path) -> str:

@@ -122,7 +122,7 @@ class RunDir:
     def holds_run(self) -> bool:
         """Anything computed here? A folder holding only ``recipe.yaml`` is a search that
         failed before its first generation (bad data, bad device): nothing to keep."""
-        return bool(set(folder_entries(self.path)) - {"recipe.yaml"})
+        return bool(set(folder_entries(self.path)) - {"recipe.yaml", "contamination.json"})
 
     def open(self, recipe: SearchRecipe, resume: bool, force: bool) -> SearchState | None:
         """Lock and prepare the folder; return the checkpoint to resume from, if any."""
@@ -159,7 +159,7 @@ class RunDir:
             if diffs:
                 raise ConfigError(
                     f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(diffs)}; "
-                    "only search.steps, search.max_evals, search.workers.*, write_model and evaluate.* may change"
+                    "only search.steps, search.max_evals, search.workers.*, write_model, evaluate.* and contamination.* may change"
                 )
             state = self.load_checkpoint()
         atomic_write_text(self / "recipe.yaml", recipe.to_yaml())
