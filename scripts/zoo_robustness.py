@@ -20,6 +20,7 @@ import pandas as pd
 
 from evomerge.evaluation import format_table
 from evomerge.io_utils import atomic_write_text
+from evomerge.zoo.card import check_targets
 
 
 def card_row(card: dict) -> dict:
@@ -38,7 +39,8 @@ def card_row(card: dict) -> dict:
         row[f"probe_{d}_refuses"] = 100 * probe["heldout"]["refusal_unsafe"]
         row[f"probe_{d}_acc"] = 100 * probe["heldout"][f"acc_{d}"]
     row["build_s"] = card["build_seconds"] + card["card_seconds"]
-    row["targets_met"] = f"{sum(card['targets'].values())}/{len(card['targets'])}"
+    targets = check_targets(card)  # judged by today's bars, not those of the build
+    row["targets_met"] = f"{sum(targets.values())}/{len(targets)}"
     return row
 
 
