@@ -44,13 +44,11 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data if isinstance(data, (int, float, str, bool)) or data is None else json.dumps(data)}
+def _flat(data: Any) -> dict[str, Any]:
+    """Tracker parameters: flattened, lists and other non-scalars as JSON text."""
+    from evomerge.io_utils import flatten
+
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v) for k, v in flatten(data).items()}
 
 
 def _import(module: str, name: str) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.io_utils import atomic_write_text
+from evomerge.io_utils import atomic_write_text, flatten
 from evomerge.runfolder import FolderLock, check_folder, clear_folder, dumps_state, folder_entries, loads_state
 from evomerge.search.recipe import SearchRecipe, recipe_from_dict
 
@@ -75,19 +75,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 def recipe_differences(old: SearchRecipe, new: SearchRecipe) -> list[str]:
     """Dotted names of the fields that differ and may not change on resume."""
-    a = _flatten(old.model_dump(by_alias=True, mode="json"))
-    b = _flatten(new.model_dump(by_alias=True, mode="json"))
+    a = flatten(old.model_dump(by_alias=True, mode="json"))
+    b = flatten(new.model_dump(by_alias=True, mode="json"))
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in changed if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
 
