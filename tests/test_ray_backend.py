@@ -135,9 +135,12 @@ def test_resume_may_switch_backend(tmp_path, recipe_data, ray_cluster, one_threa
 
 @pytest.mark.ray
 @needs_ray
-def test_a_failing_actor_is_named(tmp_path, recipe_data, ray_cluster):
+def test_a_missing_data_file_is_named_before_any_actor_starts(tmp_path, recipe_data, ray_cluster):
+    """The run fingerprints its data files on the driver (docs/security.md), so a missing
+    file is named there, before any actor is started, and nothing is left behind."""
     data = _with(recipe_data, backend="ray", n=1)
     data["data"] = dict(data["data"], safety=str(tmp_path / "gone.jsonl"))
-    recipe = recipe_from_dict(data)  # the file is only read where the evaluator is built: in the actor
-    with pytest.raises(Exception, match=r"ray worker 0.*gone\.jsonl"):
+    recipe = recipe_from_dict(data)
+    with pytest.raises(Exception, match=r"gone\.jsonl: no such file"):
         run_search(recipe, tmp_path / "run", progress=False, write_outputs=False)
+    assert not (tmp_path / "run").exists()
