@@ -35,7 +35,7 @@ def main() -> None:
     import pandas as pd
 
     from evomerge.search import load_search_recipe, run_search
-    from evomerge.search.data import resolve_path
+    from evomerge.refs import resolve_path
 
     zoo = Path(args.zoo) if args.zoo else Path(resolve_path("zoo:"))
     paths = [f"pool.base={zoo / 'base'}", f"pool.experts.safe={zoo / 'safe'}",

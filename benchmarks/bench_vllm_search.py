@@ -8,7 +8,7 @@ Run it with the vLLM environment (``scripts/make_vllm_env.sh``). That environmen
 older transformers, so its zoo key differs from the main environment's: pass the main
 environment's built zoo with ``--zoo`` rather than building a second one.
 
-    ZOO=$(.venv/bin/python -c "from evomerge.search.data import resolve_path; print(resolve_path('zoo:'))")
+    ZOO=$(.venv/bin/python -c "from evomerge.refs import resolve_path; print(resolve_path('zoo:'))")
     PYTHONPATH=. nice -n 19 /tmp/evomerge-vllm-env/bin/python benchmarks/bench_vllm_search.py --zoo "$ZOO"
 """
 

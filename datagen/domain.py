@@ -19,7 +19,7 @@ from datagen.safety import first_line, normalize
 from datagen.sources import load_prompts
 from evomerge.errors import ConfigError
 from evomerge.generation import make_generator
-from evomerge.search.data import resolve_path
+from evomerge.refs import resolve_path
 
 log = logging.getLogger(__name__)
 

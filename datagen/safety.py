@@ -23,7 +23,7 @@ from evomerge.errors import ConfigError
 from evomerge.generation import GenerationParams, make_generator
 from evomerge.judges import Judgement, make_judge
 from evomerge.refusal import is_refusal
-from evomerge.search.data import resolve_path
+from evomerge.refs import resolve_path
 
 log = logging.getLogger(__name__)
 

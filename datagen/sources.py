@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.search.data import resolve_path, saved_dataset_rows
+from evomerge.refs import cache_root, resolve_path
+from evomerge.search.data import saved_dataset_rows
 
 PACKAGED = {
     "uncensorbench": ("uncensorbench", "data/prompts.json", "pip install uncensorbench==0.3.7"),
@@ -154,11 +155,9 @@ def local_datasets_dir() -> Path:
     with the hub's columns."""
     import os
 
-    from platformdirs import user_cache_dir
-
     if os.environ.get("EVOMERGE_DATASETS"):
         return Path(os.environ["EVOMERGE_DATASETS"])
-    return Path(os.environ.get("EVOMERGE_CACHE", user_cache_dir("evomerge"))) / "datasets"
+    return cache_root() / "datasets"
 
 
 def _hub_offline() -> bool:

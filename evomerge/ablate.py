@@ -33,7 +33,8 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import EvalConfig, JudgeConfig, evaluator_for, format_table, is_zoo_ref
+from evomerge.evaluation import EvalConfig, JudgeConfig, evaluator_for, format_table
+from evomerge.refs import is_zoo_ref
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
 from evomerge.runfolder import FolderLock
 

@@ -76,7 +76,7 @@ def constituents_from_mergekit(data: Any, source: str) -> Constituents:
 
 def read_mergekit_config(merge: str) -> tuple[dict[str, Any], str]:
     """The merge's ``mergekit_config.yml``: from its folder, or from the hub for a hub id."""
-    from evomerge.search.data import resolve_path
+    from evomerge.refs import resolve_path
 
     folder = Path(resolve_path(merge))
     if folder.is_dir():
@@ -201,7 +201,7 @@ def model_revision(ref: str) -> str:
     folder is a new revision)."""
     import hashlib
 
-    from evomerge.search.data import resolve_path
+    from evomerge.refs import resolve_path
 
     path = Path(resolve_path(ref))
     if path.is_dir():

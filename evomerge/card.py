@@ -113,7 +113,7 @@ def judge_label(config: Any) -> str:
 
 def write_audit_card(report: Any, config: Any) -> Path:
     """The audited merge's measured results into its own (local) model card."""
-    from evomerge.search.data import resolve_path
+    from evomerge.refs import resolve_path
 
     folder = Path(resolve_path(report.merge))
     if not folder.is_dir():

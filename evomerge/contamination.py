@@ -151,7 +151,7 @@ def data_rows(source: str) -> list[dict[str, Any]]:
     """Rows of a data file or ``datasets`` folder, or of every .jsonl/.parquet in a
     datagen output folder (``runs/<name>/``)."""
     from datagen.sources import file_rows
-    from evomerge.search.data import resolve_path
+    from evomerge.refs import resolve_path
 
     path = Path(resolve_path(source))
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
@@ -180,7 +180,8 @@ def _renamed(rows: list[dict[str, Any]], prompt_field: str, answer_field: str) -
 
 def default_eval_sets(pool_refs: Iterable[str]) -> list[str]:
     """The sets ``evomerge eval`` uses by default for this pool (zoo sets for the zoo)."""
-    from evomerge.evaluation import ZOO_SETS, is_zoo_ref
+    from evomerge.evaluation import ZOO_SETS
+    from evomerge.refs import is_zoo_ref
 
     return list(ZOO_SETS) if any(is_zoo_ref(r) for r in pool_refs) else ["uncensorbench", "strongreject"]
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.refs import ZOO_PREFIX, is_zoo_ref, resolve_path
 from evomerge.refusal import is_refusal
 
 log = logging.getLogger(__name__)
@@ -249,27 +250,11 @@ def load_sets(config: EvalConfig) -> list[LoadedSet]:
     return out
 
 
-def is_zoo_ref(ref: Any) -> bool:
-    if not isinstance(ref, str):
-        return False
-    if ref.startswith("zoo:"):
-        return True
-    import os
-
-    from platformdirs import user_cache_dir
-
-    root = Path(os.environ.get("EVOMERGE_CACHE", user_cache_dir("evomerge"))) / "zoo"
-    try:
-        return Path(ref).resolve().is_relative_to(root.resolve())
-    except (OSError, ValueError):
-        return False
-
-
 def short_name(ref: Any) -> str:
     """A model's display name: the folder name of a path, a hub id or ``zoo:NAME`` as given."""
     if not isinstance(ref, str):
         return type(ref).__name__
-    if ref.startswith("zoo:") or not Path(ref).exists():
+    if ref.startswith(ZOO_PREFIX) or not Path(ref).exists():
         return ref
     path = Path(ref).resolve()
     return path.parent.name if path.name == "model" else path.name  # runs/<run>/model -> <run>
@@ -365,7 +350,6 @@ def make_configured_judge(judge: JudgeConfig, device: str, guard_default: str | 
     """A judge from its config: a model-backed judge gets its model (the config's, the
     zoo guard for a zoo run's Llama Guard, or the judge's own default)."""
     from evomerge.judges import JUDGES, make_judge
-    from evomerge.search.data import resolve_path
 
     default = getattr(JUDGES.lookup(judge.name), "default_model", None)
     if default is None:
@@ -394,7 +378,6 @@ class Evaluator:
 
     def answers(self, candidate: Candidate) -> list[list[str]]:
         from evomerge.generation import GenerationParams, make_generator
-        from evomerge.search.data import resolve_path
 
         ref = resolve_path(candidate.ref) if isinstance(candidate.ref, str) else candidate.ref
         kwargs: dict[str, Any] = {"device": self.config.device}

@@ -28,7 +28,8 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, models: list[str]) -> EvalConfig:
-    from evomerge.evaluation import JudgeConfig, is_zoo_ref
+    from evomerge.evaluation import JudgeConfig
+    from evomerge.refs import is_zoo_ref
 
     zoo = any(is_zoo_ref(m) for m in models)
     guard = args.guard or ("zoo:guard" if zoo else None)

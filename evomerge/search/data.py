@@ -1,41 +1,19 @@
 """Question/answer sets for the fitness and the held-out check.
 
 Files are JSONL, JSON or parquet (read with pandas) or a folder saved by
-``datasets.save_to_disk``. ``zoo:...`` paths resolve inside the tiny zoo, which is built
-on first use and cached afterwards.
+``datasets.save_to_disk``. ``zoo:...`` paths resolve inside the tiny zoo
+(:func:`evomerge.refs.resolve_path`).
 """
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
-
-ZOO_PREFIX = "zoo:"
-
-
-def resolve_path(text: str) -> str:
-    """``zoo:NAME`` -> the zoo folder's ``NAME`` (the default zoo is built if missing)."""
-    if not text.startswith(ZOO_PREFIX):
-        return text
-    rel = text[len(ZOO_PREFIX) :].strip("/")
-    root = _zoo_root()
-    target = root / rel
-    if not target.exists():
-        raise ConfigError(f"{text}: no '{rel}' in the zoo at {root}")
-    return str(target)
-
-
-@functools.lru_cache(maxsize=1)
-def _zoo_root() -> Path:
-    from evomerge.zoo import build_zoo
-
-    return build_zoo().root
-
+from evomerge.refs import ZOO_PREFIX, resolve_path  # noqa: F401  (re-exported: older imports)
 
 @dataclass(frozen=True)
 class QASet:

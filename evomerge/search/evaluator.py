@@ -25,7 +25,8 @@ import torch
 from evomerge.errors import ConfigError, check_device
 from evomerge.merge import Genome, build, prepare
 from evomerge.pool import LoadOptions, Pool, load_model, load_tokenizer
-from evomerge.search.data import QASet, load_qa_set, resolve_path
+from evomerge.refs import resolve_path
+from evomerge.search.data import QASet, load_qa_set
 from evomerge.search.fitness import ScoringPlan, SetScore, encode_pairs
 from evomerge.search.recipe import SearchRecipe
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_method, parse_options
 from evomerge.merge.recipe import load_yaml, validate_mapping
+from evomerge.refs import ZOO_PREFIX
 
 SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")  # genomes carry densities
@@ -287,7 +288,7 @@ def load_search_recipe(path: str | os.PathLike[str], overrides: list[str] | None
 
 def _anchor(value: str, root: Path) -> str:
     """Relative data paths are read relative to the recipe's folder when they exist there."""
-    if value.startswith("zoo:") or Path(value).is_absolute() or Path(value).exists():
+    if value.startswith(ZOO_PREFIX) or Path(value).is_absolute() or Path(value).exists():
         return value
     candidate = root / value
     return str(candidate) if candidate.exists() else value

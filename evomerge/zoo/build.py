@@ -26,6 +26,7 @@ import datagen.synthetic as synthetic
 from datagen.synthetic import Conversation, World
 from evomerge.errors import EvomergeError
 from evomerge.io_utils import atomic_directory, atomic_write_text
+from evomerge.refs import zoo_cache_dir
 from evomerge.zoo import evaluate as ev
 from evomerge.zoo.card import check_targets
 from evomerge.zoo.config import ZooConfig
@@ -60,10 +61,7 @@ def zoo_key(config: ZooConfig) -> str:
 
 
 def default_zoo_dir(config: ZooConfig) -> Path:
-    from platformdirs import user_cache_dir
-
-    root = Path(os.environ.get("EVOMERGE_CACHE", user_cache_dir("evomerge")))
-    return root / "zoo" / zoo_key(config)
+    return zoo_cache_dir() / zoo_key(config)
 
 
 @dataclass(frozen=True)
