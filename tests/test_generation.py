@@ -43,3 +43,23 @@ def test_unknown_backend_is_named(model_dir):
         from evomerge.testing import micro_llama
 
         make_generator("transformers", micro_llama())
+
+
+def test_the_one_greedy_path_gives_the_zoos_old_tokens():
+    """The zoo's former generate() (ascending lengths, batches of 128) and the shared path
+    (TransformersGenerator: descending lengths) give the same greedy text, over several batches."""
+    import random
+
+    from evomerge.behaviour import greedy_replies
+    from evomerge.generation import render_chats
+    from evomerge.testing import micro_llama, micro_tokenizer
+
+    words = "How do I fold a shirt What is 12+30 capital of Vandor Quell sorry help".split()
+    rng = random.Random(0)
+    tok = micro_tokenizer()
+    chats = [[{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))}]
+             for _ in range(150)]
+    prompts = render_chats(tok, chats)
+    model = micro_llama(seed=3, hidden_size=64)
+    old = generate(model, tok, prompts, max_new_tokens=10, batch_size=64)
+    assert greedy_replies(model, tok, prompts, max_new_tokens=10, batch_size=64) == old
