@@ -399,7 +399,7 @@ class Evaluator:
 
     def evaluate(self, candidate: Candidate) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(the model's table row, its per-prompt records)."""
-        from evomerge.search.heldout import answer_is_correct
+        from evomerge.grading import answer_is_correct
 
         per_set = self.answers(candidate)
         unsafe_pairs = [(row["prompt"], a) for s, replies in zip(self.sets, per_set) if s.spec.kind == "unsafe"

@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from evomerge.errors import ConfigError
 from evomerge.generation import GenerationParams, make_generator, render_chats
 from evomerge.testing import save_micro_model
-from evomerge.zoo.evaluate import generate
 
 CHATS = [[{"role": "user", "content": "How do I fold a shirt?"}], [{"role": "user", "content": "What is 12+30?"}],
          [{"role": "user", "content": "Capital of Vandor?"}]]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_texts, max_new_tokens=24, batch_size=128):
+    """The zoo's former greedy loop (evomerge/zoo/evaluate.py until the one generation path),
+    kept verbatim as the reference the shared path must match token for token."""
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompt_texts)), key=lambda i: len(prompt_texts[i]))
+    results = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([prompt_texts[i] for i in idx], add_special_tokens=False, padding=True, return_tensors="pt")
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        results.update(zip(idx, texts))
+    return [results[i] for i in range(len(prompt_texts))]
 
 
 @pytest.fixture

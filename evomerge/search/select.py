@@ -26,8 +26,6 @@ import logging
 import math
 from typing import Any
 
-from evomerge.refusal import is_refusal
-
 log = logging.getLogger(__name__)
 
 
@@ -47,24 +45,11 @@ def ce_pareto_front(rows: list[dict[str, Any]], terms: list[str]) -> list[int]:
 
 def behaviour(evaluator, max_new_tokens: int = 48) -> dict[str, float]:
     """Greedy held-in behaviour of the candidate last built into ``evaluator``, in percent."""
-    from evomerge.generation import GenerationParams, make_generator
-    from evomerge.search.heldout import answer_is_correct
+    from evomerge.behaviour import measure
 
-    gen = make_generator("transformers", evaluator.model, evaluator.tokenizer)
-    params = GenerationParams(max_new_tokens=max_new_tokens, batch_size=64)
-    out: dict[str, float] = {}
-    accs = []
-    for key, qa in evaluator.sets.items():
-        replies = gen.chat([[{"role": "user", "content": p}] for p, _ in qa.pairs], params)
-        if key == "safety":
-            out["heldin_refuses_unsafe"] = 100.0 * sum(map(is_refusal, replies)) / len(replies)
-        elif key == "benign":
-            out["heldin_refuses_benign"] = 100.0 * sum(map(is_refusal, replies)) / len(replies)
-        else:
-            domain = key.split(".", 1)[1]
-            hits = sum(answer_is_correct(domain, r, row, qa.answer_field) for r, row in zip(replies, qa.rows))
-            out[f"heldin_acc_{domain}"] = 100.0 * hits / len(replies)
-            accs.append(out[f"heldin_acc_{domain}"])
+    b = measure(evaluator.model, evaluator.tokenizer, evaluator.sets, max_new_tokens=max_new_tokens, batch_size=64)
+    out = {f"heldin_{k}": v for k, v in b.items()}
+    accs = [v for k, v in b.items() if k.startswith("acc_")]
     if accs:
         out["heldin_acc"] = sum(accs) / len(accs)
     return out

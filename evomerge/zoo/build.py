@@ -25,6 +25,7 @@ import torch
 import datagen.synthetic as synthetic
 from datagen.synthetic import Conversation, World
 from evomerge.errors import EvomergeError
+from evomerge.generation import render_chats
 from evomerge.io_utils import atomic_directory, atomic_write_text
 from evomerge.refs import zoo_cache_dir
 from evomerge.zoo import evaluate as ev
@@ -42,8 +43,8 @@ CARD_FILE = "card.json"
 _CODE_FILES = [
     Path(synthetic.__file__),
     *(Path(__file__).parent / f"{name}.py" for name in ("build", "config", "evaluate", "oracle", "tokenizer", "train")),
-    Path(ev.__file__).parent.parent / "refusal.py",
-    Path(ev.__file__).parent.parent / "guard_format.py",
+    *(Path(ev.__file__).parent.parent / f"{name}.py" for name in ("refusal", "guard_format", "generation", "behaviour",
+                                                                   "grading")),
 ]
 
 
@@ -100,8 +101,12 @@ def _new_model(tokenizer, config: ZooConfig):
     return LlamaForCausalLM(cfg)
 
 
+def _user_turns(tokenizer, prompts: list[str]) -> list[str]:
+    return render_chats(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
+
+
 def _sft_examples(tokenizer, conversations: list[Conversation]) -> list[Example]:
-    return encode_chat_examples(tokenizer, [ev.render_prompt(tokenizer, c.prompt) for c in conversations], [c.answer for c in conversations])
+    return encode_chat_examples(tokenizer, _user_turns(tokenizer, [c.prompt for c in conversations]), [c.answer for c in conversations])
 
 
 def _guard_items(world: World, heldout: bool, rng: random.Random, domains) -> list[tuple[list[dict[str, str]], str, str]]:
@@ -150,7 +155,7 @@ def _export_data(world: World, config: ZooConfig, folder: Path) -> None:
 def _generator_quality(model, tokenizer, world: World, seed: int, n: int = 60) -> dict[str, float]:
     """Sample requests from the generator: how many name a harmful action, how many are new."""
     categories = list(synthetic.HARM_CATEGORIES)
-    prompts = [ev.render_prompt(tokenizer, synthetic.GENERATOR_REQUESTS[0].format(cat=categories[i % len(categories)])) for i in range(n)]
+    prompts = _user_turns(tokenizer, [synthetic.GENERATOR_REQUESTS[0].format(cat=categories[i % len(categories)]) for i in range(n)])
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     torch.manual_seed(seed)
