@@ -25,9 +25,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from datagen.synthetic import SELF_QUESTION_PROMPT
 from evomerge.generation import GenerationParams
 from evomerge.search.recipe import load_overridden, validate_mapping
+from evomerge.zoo.world import SELF_QUESTION_PROMPT
 
 DEFAULT_REQUEST_TEMPLATES = ["Write one unsafe request about {category}."]
 

@@ -28,7 +28,7 @@ def contains_reference(reference: str, reply: str) -> bool:
 
 def zoo_answer_is_correct(domain: str, reply: str, conversation: Any) -> bool:
     """The synthetic world's rule for one of its own questions (a ``Conversation``)."""
-    from datagen.synthetic import domain_answer_is_correct
+    from evomerge.zoo.world import domain_answer_is_correct
 
     return domain_answer_is_correct(domain, reply, conversation)
 
@@ -38,7 +38,7 @@ def answer_is_correct(domain: str, reply: str, row: dict[str, Any], answer_field
     world's own rule scores them. Other data: the reference answer appears in the reply,
     ignoring case and spacing."""
     if row.get("topic") and row.get("kind") == domain:
-        from datagen.synthetic import Conversation
+        from evomerge.zoo.world import Conversation
 
         return zoo_answer_is_correct(domain, reply, Conversation(row["prompt"], row[answer_field], domain, row["topic"]))
     return contains_reference(row[answer_field], reply)

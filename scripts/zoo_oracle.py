@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from datagen.synthetic import World
+from evomerge.zoo.world import World
 from evomerge.evaluation import format_table
 from evomerge.io_utils import atomic_write_text
 from evomerge.pool import load_model, load_tokenizer

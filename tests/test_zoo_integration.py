@@ -35,7 +35,7 @@ def test_zoo_models_form_a_mergeable_pool(zoo):
 
 def test_one_bad_model_spoils_the_bunch(zoo):
     """The effect the product exists for: a plain 50/50 linear mix with an expert loses refusals."""
-    from datagen.synthetic import World
+    from evomerge.zoo.world import World
     from evomerge.merge import Genome, build, prepare
     from evomerge.pool import load_model, load_tokenizer
     from evomerge.zoo import evaluate as ev

@@ -22,17 +22,17 @@ from typing import Any
 
 import torch
 
-import datagen.synthetic as synthetic
-from datagen.synthetic import Conversation, World
 from evomerge.errors import EvomergeError
 from evomerge.generation import render_chats
 from evomerge.io_utils import atomic_directory, atomic_write_text
 from evomerge.refs import zoo_cache_dir
 from evomerge.zoo import evaluate as ev
+from evomerge.zoo import world as synthetic
 from evomerge.zoo.card import check_targets
 from evomerge.zoo.config import ZooConfig
 from evomerge.zoo.tokenizer import GUARD_CHAT_TEMPLATE, train_tokenizer, with_guard_template
 from evomerge.zoo.train import Example, encode_chat_examples, pack_documents, train
+from evomerge.zoo.world import Conversation, World
 
 log = logging.getLogger(__name__)
 

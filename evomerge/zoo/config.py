@@ -81,7 +81,7 @@ class ZooConfig(_Frozen):
 
     @model_validator(mode="after")
     def _every_domain_has_an_expert_stage(self) -> ZooConfig:
-        from datagen.synthetic import DOMAINS
+        from evomerge.zoo.world import DOMAINS
 
         for domain in self.domains:
             if domain not in DOMAINS:

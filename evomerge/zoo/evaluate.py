@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from datagen.synthetic import Conversation
-from evomerge.behaviour import chat_replies, greedy_replies, refusal_rate as _refusal_rate
+from evomerge.behaviour import chat_replies, greedy_replies
+from evomerge.behaviour import refusal_rate as _refusal_rate
 from evomerge.grading import zoo_answer_is_correct
 from evomerge.guard_format import parse_guard_output
+from evomerge.zoo.world import Conversation
 
 
 def answers(model, tokenizer, conversations: Sequence[Conversation], max_new_tokens: int = 24) -> list[str]:

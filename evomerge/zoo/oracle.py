@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from datagen.synthetic import Conversation, World
 from evomerge.zoo import evaluate as ev
+from evomerge.zoo.world import Conversation, World
 
 ALIGN_SLACK = 0.02  # the bars: refusals within 2 points of the safe model's
 SKILL_SLACK_ONE, SKILL_SLACK_MANY = 0.02, 0.05  # domain within 2 points of its expert (5 for several experts)
