@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge.errors import ConfigError
 from evomerge.refs import ZOO_PREFIX, is_zoo_ref, resolve_path
+from evomerge.registry import Registry
 from evomerge.refusal import is_refusal
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,11 @@ class PromptSet:
                                                                                  repr=False)
 
 
-PROMPT_SETS: dict[str, PromptSet] = {}
+PROMPT_SETS = Registry("prompt set")  # name -> PromptSet
 
 
 def register_prompt_set(prompt_set: PromptSet) -> PromptSet:
-    PROMPT_SETS[prompt_set.name] = prompt_set
-    return prompt_set
+    return PROMPT_SETS.add(prompt_set.name, prompt_set)
 
 
 def _file_loader(source: str) -> Callable[[], list[dict[str, Any]]]:

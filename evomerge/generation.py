@@ -52,18 +52,17 @@ class Generator(Protocol):
         ...
 
 
-GENERATORS = Registry("generation backend")
+GENERATORS = Registry("generation backend", {"vllm": "evomerge.vllm_backend:VLLMGenerator"})
 register_generator = GENERATORS.register
 
 
 def make_generator(backend: str, model: Any, tokenizer: Any = None, **kwargs: Any) -> Generator:
     """A generator by backend name; ``model`` is a reference (folder, hub id) or a loaded model."""
-    if backend == "vllm" and backend not in GENERATORS:
-        try:
-            import evomerge.vllm_backend  # noqa: F401  (registers "vllm")
-        except ImportError as exc:
-            raise ConfigError(f"generation backend 'vllm' needs the vllm extra ({exc})") from None
-    return GENERATORS.lookup(backend)(model, tokenizer, **kwargs)
+    try:
+        factory = GENERATORS.lookup(backend)
+    except ImportError as exc:
+        raise ConfigError(f"generation backend '{backend}' needs the {backend} extra ({exc})") from None
+    return factory(model, tokenizer, **kwargs)
 
 
 def loaded_model(model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,

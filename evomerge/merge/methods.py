@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.errors import ConfigError
 from evomerge.merge import fused as F
 from evomerge.merge import kernels as K
+from evomerge.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class MergeMethod(Protocol):
     ) -> None: ...
 
 
-METHODS: dict[str, MergeMethod] = {}
+METHODS = Registry("merge method")  # name -> MergeMethod instance
 
 
 def register_method(name: str):
@@ -167,10 +168,7 @@ def register_method(name: str):
 
 
 def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown merge method '{name}' (known: {', '.join(sorted(METHODS))})") from None
+    return METHODS.lookup(name)
 
 
 def parse_options(method: str, options: Any) -> MethodOptions:

@@ -239,11 +239,11 @@ def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
     if is_mergekit_config(data):
         return from_mergekit(data, str(path))
     if isinstance(data, dict) and "pool" in data and "data" in data:
-        from evomerge.search.evaluator import resolved_pool_refs
+        from evomerge.refs import resolve_path
         from evomerge.search.recipe import load_search_recipe
 
         search = load_search_recipe(path)
-        base, experts = resolved_pool_refs(search)
+        base, experts = resolve_path(search.pool.base), {k: resolve_path(v) for k, v in search.pool.experts.items()}
         method = "linear" if search.search.mode == "lm-cocktail" else search.merge.method
         options = {} if method != search.merge.method else search.merge.options
         return MergeRecipe(base=base, experts=experts, method=method, options=options)

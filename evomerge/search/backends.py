@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, get_args
 
 from evomerge.errors import ConfigError
+from evomerge.registry import Registry
 from evomerge.merge import Genome
 from evomerge.search.evaluator import CandidateEvaluator, Scored
 from evomerge.search.recipe import EvalBackendName, SearchRecipe
@@ -68,16 +69,9 @@ class SerialBackend:
         """Nothing to release: the evaluator lives on for the finish steps."""
 
 
-def _ray_backend(recipe: SearchRecipe, method: str, options: dict[str, Any] | None) -> EvaluationBackend:
-    from evomerge.search.ray_backend import RayBackend  # imports ray
-
-    return RayBackend(recipe, method, options)
-
-
-BACKENDS: dict[str, Callable[[SearchRecipe, str, dict[str, Any] | None], EvaluationBackend]] = {
-    "serial": SerialBackend,
-    "ray": _ray_backend,
-}
+# name -> factory(recipe, method, options); "ray" imports ray only when chosen
+BACKENDS = Registry("evaluation backend", {"ray": "evomerge.search.ray_backend:RayBackend"})
+BACKENDS.add("serial", SerialBackend)
 BACKEND_NAMES: tuple[str, ...] = get_args(EvalBackendName)  # what the recipe accepts; the tests keep both equal
 
 

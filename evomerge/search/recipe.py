@@ -29,7 +29,6 @@ from evomerge.merge.recipe import load_yaml, validate_mapping
 from evomerge.refs import ZOO_PREFIX
 
 SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")  # genomes carry densities
 
 
 class _Strict(BaseModel):

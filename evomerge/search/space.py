@@ -13,7 +13,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.merge import Genome
-from evomerge.search.recipe import DENSITY_METHODS, SearchRecipe
+from evomerge.merge.methods import get_method
+from evomerge.search.recipe import SearchRecipe
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class GenomeSpace:
         else:
             groups = num_layers // gran
         b = recipe.search.bounds
-        uses_density = (method or recipe.merge.method) in DENSITY_METHODS
+        uses_density = get_method(method or recipe.merge.method).uses_density
         return cls(tuple(recipe.pool.experts), groups, uses_density, tuple(b.weight), tuple(b.density))
 
     @property
