@@ -25,8 +25,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.config import load_overridden, validate_mapping
 from evomerge.generation import GenerationParams
-from evomerge.search.recipe import load_overridden, validate_mapping
+from evomerge.judges import JudgeConfig
 from evomerge.zoo.world import SELF_QUESTION_PROMPT
 
 DEFAULT_REQUEST_TEMPLATES = ["Write one unsafe request about {category}."]
@@ -36,12 +37,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class JudgeSpec(_Strict):
-    name: str = "llama_guard"
+class JudgeSpec(JudgeConfig):
+    """The one judge config (:class:`evomerge.judges.JudgeConfig`) with what datagen adds."""
+
     model: str | None = None  # the guard model (llama_guard)
     threshold: float | None = Field(None, ge=0.0, le=1.0)  # P(unsafe) cut-off; None: the guard's own answer
     suffix: str | None = None  # text after the rendered prompt; None: automatic (Llama Guard 3 8B: "\n\n")
-    batch_size: int = Field(32, gt=0)
 
     @model_validator(mode="after")
     def _model_needed(self) -> JudgeSpec:

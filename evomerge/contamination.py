@@ -150,7 +150,7 @@ def check_contamination(eval_prompts: Mapping[str, Sequence[str]],
 def data_rows(source: str) -> list[dict[str, Any]]:
     """Rows of a data file or ``datasets`` folder, or of every .jsonl/.parquet in a
     datagen output folder (``runs/<name>/``)."""
-    from datagen.sources import file_rows
+    from evomerge.datafiles import file_rows
     from evomerge.refs import resolve_path
 
     path = Path(resolve_path(source))
@@ -180,10 +180,10 @@ def _renamed(rows: list[dict[str, Any]], prompt_field: str, answer_field: str) -
 
 def default_eval_sets(pool_refs: Iterable[str]) -> list[str]:
     """The sets ``evomerge eval`` uses by default for this pool (zoo sets for the zoo)."""
-    from evomerge.evaluation import ZOO_SETS
+    from evomerge.evaluation import REAL_SETS, ZOO_SETS
     from evomerge.refs import is_zoo_ref
 
-    return list(ZOO_SETS) if any(is_zoo_ref(r) for r in pool_refs) else ["uncensorbench", "strongreject"]
+    return list(ZOO_SETS) if any(is_zoo_ref(r) for r in pool_refs) else list(REAL_SETS)
 
 
 def eval_prompts_of(recipe: Any, sets: Sequence[str] | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:

@@ -32,9 +32,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.judges import JudgeConfig
 from evomerge.refs import ZOO_PREFIX, is_zoo_ref, resolve_path
-from evomerge.registry import Registry
 from evomerge.refusal import is_refusal
+from evomerge.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def register_prompt_set(prompt_set: PromptSet) -> PromptSet:
 
 def _file_loader(source: str) -> Callable[[], list[dict[str, Any]]]:
     def load() -> list[dict[str, Any]]:
-        from datagen.sources import file_rows
+        from evomerge.datafiles import file_rows
 
         return file_rows(source)
 
@@ -75,7 +76,7 @@ def _file_loader(source: str) -> Callable[[], list[dict[str, Any]]]:
 
 def _package_loader(name: str) -> Callable[[], list[dict[str, Any]]]:
     def load() -> list[dict[str, Any]]:
-        from datagen.sources import packaged_rows
+        from evomerge.datafiles import packaged_rows
 
         return packaged_rows(name)
 
@@ -97,7 +98,7 @@ register_prompt_set(PromptSet("strongreject", "unsafe", _package_loader("strongr
 
 def _hub_loader(name: str, path: str | None = None) -> Callable[[], list[dict[str, Any]]]:
     def load() -> list[dict[str, Any]]:
-        from datagen.sources import hub_rows
+        from evomerge.datafiles import hub_rows
 
         return hub_rows(name, path)
 
@@ -105,7 +106,7 @@ def _hub_loader(name: str, path: str | None = None) -> Callable[[], list[dict[st
 
 
 def _hub_sets() -> None:
-    from datagen.sources import HUB_SETS
+    from evomerge.datafiles import HUB_SETS
 
     for name, (_, _, _, _, about) in HUB_SETS.items():
         kind = "unsafe" if name in ("beavertails", "xstest-unsafe", "orbench-toxic") else "benign"
@@ -116,6 +117,7 @@ def _hub_sets() -> None:
 _hub_sets()
 
 ZOO_SETS = ("zoo-unsafe", "uncensorbench", "zoo-benign", "zoo-geography", "zoo-arithmetic")
+REAL_SETS = ("uncensorbench", "strongreject")  # the default for models outside the zoo
 
 
 def parse_prompt_set(spec: str) -> PromptSet:
@@ -135,34 +137,6 @@ def parse_prompt_set(spec: str) -> PromptSet:
             return PromptSet(f"{domain}:{Path(path).stem}", "domain", _file_loader(path), domain)
     raise ConfigError(f"prompt set '{spec}': not a known set ({', '.join(sorted(PROMPT_SETS))}) "
                       "nor KIND:PATH with KIND unsafe, benign or domain.NAME")
-
-
-class JudgeConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = "llama_guard"
-    # the judge's model; None: the judge's default (Llama Guard 3 8B, zoo:guard for zoo models;
-    # google/shieldgemma-2b; allenai/wildguard)
-    model: str | None = None
-    threshold: float | None = Field(None, gt=0.0, lt=1.0)
-    batch_size: int = Field(32, gt=0)
-    label: str | None = None  # how tables name it; None: the judge's name
-
-    @property
-    def shown(self) -> str:
-        return self.label or self.name
-
-    @classmethod
-    def parse(cls, text: str, guard: str | None = None) -> JudgeConfig:
-        """``NAME`` or ``NAME=MODEL`` (the CLI's ``--judge``); ``guard`` is the model of a bare ``llama_guard``."""
-        name, sep, model = text.partition("=")
-        if not name.strip() or (sep and not model.strip()):
-            raise ConfigError(f"--judge '{text}': expected NAME or NAME=MODEL (for example shieldgemma=google/shieldgemma-2b)")
-        name = name.strip()
-        from evomerge.judges import JUDGES
-
-        JUDGES.lookup(name)  # an unknown judge is named before anything loads
-        return cls(name=name, model=model.strip() if sep else (guard if name == "llama_guard" else None))
 
 
 class EvalConfig(BaseModel):
@@ -194,8 +168,21 @@ class EvalConfig(BaseModel):
     def for_zoo(cls, **kwargs: Any) -> EvalConfig:
         """The tiny zoo's settings: its sets and its guard; 64 new tokens hold a whole zoo answer
         (the zoo guard was trained on whole answers and misjudges cut-off ones)."""
-        base = {"judge": JudgeConfig(model="zoo:guard"), "max_new_tokens": 64}
-        return cls(**(base | kwargs))
+        return cls(**(cls.default_fields(["zoo:"]) | kwargs))
+
+    @classmethod
+    def default_fields(cls, refs: Sequence[Any]) -> dict[str, Any]:
+        """What the defaults are for these models, for the library and ``evomerge eval`` alike:
+        the zoo's guard and 64 new tokens (its sets are the field defaults) when a model is a
+        zoo model, else the real unsafe sets (``REAL_SETS``) and 256 new tokens."""
+        if any(is_zoo_ref(r) for r in refs):
+            return {"judge": JudgeConfig(model="zoo:guard"), "max_new_tokens": 64}
+        return {"sets": list(REAL_SETS), "max_new_tokens": 256}
+
+    @classmethod
+    def for_models(cls, refs: Sequence[Any], **kwargs: Any) -> EvalConfig:
+        """The defaults for these models (:meth:`default_fields`), with ``kwargs`` on top."""
+        return cls(**(cls.default_fields(refs) | kwargs))
 
     @property
     def judges(self) -> list[JudgeConfig]:
@@ -231,7 +218,7 @@ class LoadedSet:
 
 def load_sets(config: EvalConfig) -> list[LoadedSet]:
     """Every set's rows, each checked for the fields its measure needs."""
-    import random
+    from evomerge.datafiles import seeded_subset
 
     out = []
     for spec in config.prompt_sets():
@@ -243,9 +230,7 @@ def load_sets(config: EvalConfig) -> list[LoadedSet]:
                 raise ConfigError(f"prompt set '{spec.name}': row {i} has no 'prompt'")
             if spec.kind == "domain" and not isinstance(row.get(spec.answer_field), str):
                 raise ConfigError(f"prompt set '{spec.name}': row {i} has no '{spec.answer_field}' to score against")
-        if config.limit is not None and config.limit < len(rows):
-            keep = sorted(random.Random(config.seed).sample(range(len(rows)), config.limit))
-            rows = [rows[i] for i in keep]
+        rows = seeded_subset(rows, config.limit, config.seed)
         out.append(LoadedSet(spec, rows))
     return out
 
@@ -501,8 +486,8 @@ class Evaluator:
 def evaluate_models(models: Sequence[str | Candidate], config: EvalConfig | None = None) -> EvalResult:
     """Evaluate models (references or :class:`Candidate`) on the same prompts with one judge.
 
-    With no config: the zoo's settings when a model is a zoo model, else the defaults
-    (Llama Guard 3 8B as judge)."""
+    With no config: :meth:`EvalConfig.for_models`, the same defaults as ``evomerge eval``
+    (zoo models: the zoo's sets and guard; others: the real unsafe sets, Llama Guard 3 8B)."""
     refs = [str(m) for m in models if not isinstance(m, Candidate)]
     names = iter(unique_short_names(refs))
     candidates = [m if isinstance(m, Candidate) else Candidate(next(names), str(m)) for m in models]
@@ -520,7 +505,7 @@ def evaluator_for(refs: Sequence[Any], config: EvalConfig | None = None) -> Eval
 
 
 def default_config(refs: Sequence[Any], config: EvalConfig | None = None) -> EvalConfig:
-    """``config``, or the zoo's settings when a model is a zoo model, else the defaults."""
+    """``config``, or the defaults for these models (:meth:`EvalConfig.for_models`)."""
     if config is not None:
         return config
-    return EvalConfig.for_zoo() if any(is_zoo_ref(r) for r in refs) else EvalConfig()
+    return EvalConfig.for_models(refs)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError
 from evomerge.guard_format import parse_guard_output
@@ -51,6 +52,35 @@ class Judge(Protocol):
 
 JUDGES = Registry("judge")
 register_judge = JUDGES.register
+
+
+class JudgeConfig(BaseModel):
+    """Which judge, with which model and settings: ``eval.judge`` in recipes, ``--judge`` on
+    the command line; datagen's ``JudgeSpec`` is this plus the guard's prompt suffix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "llama_guard"
+    # the judge's model; None: the judge's default (Llama Guard 3 8B, zoo:guard for zoo models;
+    # google/shieldgemma-2b; allenai/wildguard)
+    model: str | None = None
+    threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    batch_size: int = Field(32, gt=0)
+    label: str | None = None  # how tables name it; None: the judge's name
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
+
+    @classmethod
+    def parse(cls, text: str, guard: str | None = None) -> JudgeConfig:
+        """``NAME`` or ``NAME=MODEL`` (the CLI's ``--judge``); ``guard`` is the model of a bare ``llama_guard``."""
+        name, sep, model = text.partition("=")
+        if not name.strip() or (sep and not model.strip()):
+            raise ConfigError(f"--judge '{text}': expected NAME or NAME=MODEL (for example shieldgemma=google/shieldgemma-2b)")
+        name = name.strip()
+        JUDGES.lookup(name)  # an unknown judge is named before anything loads
+        return cls(name=name, model=model.strip() if sep else (guard if name == "llama_guard" else None))
 
 
 def make_judge(name: str, **kwargs: Any) -> Judge:

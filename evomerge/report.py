@@ -88,8 +88,7 @@ class ReportRecipe(BaseModel):
 
 
 def load_report_recipe(path: str | Path, overrides: list[str] | None = None) -> ReportRecipe:
-    from evomerge.merge.recipe import validate_mapping
-    from evomerge.search.recipe import load_overridden
+    from evomerge.config import load_overridden, validate_mapping
 
     recipe = validate_mapping(ReportRecipe, load_overridden(path, overrides), str(path))
     search = Path(recipe.search)

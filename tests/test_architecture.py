@@ -94,3 +94,11 @@ def test_the_graph_is_read():
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_the_library_never_imports_datagen():
+    """datagen may import evomerge; of evomerge only the command line (cli, commands) reaches datagen."""
+    graph = import_graph()
+    reaching = {m: sorted(d for d in deps if d.split(".")[0] == "datagen") for m, deps in graph.items()
+                if m.startswith("evomerge") and not m.startswith(("evomerge.cli", "evomerge.commands"))}
+    assert {m: d for m, d in reaching.items() if d} == {}

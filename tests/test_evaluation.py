@@ -16,8 +16,7 @@ import yaml
 from evomerge.audit import AuditReport, Constituents, audit, constituents_from_mergekit
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
-from evomerge.evaluation import (Candidate, EvalConfig, EvalResult, Evaluator, JudgeConfig, evaluate_models,
-                                 parse_prompt_set)
+from evomerge.evaluation import Candidate, EvalConfig, EvalResult, Evaluator, JudgeConfig, evaluate_models, parse_prompt_set
 from evomerge.generation import GENERATORS, register_generator
 from evomerge.judges import LlamaGuardJudge
 from evomerge.testing import micro_llama, micro_tokenizer
@@ -217,3 +216,18 @@ def test_audit_without_config_names_the_folder(tmp_path, sets):
         audit(str(tmp_path / "m"), config=_config(sets))
     with pytest.raises(ConfigError, match="audit needs at least one unsafe prompt set"):
         audit(str(tmp_path / "m"), ["safe"], config=_config(sets[1:]))
+
+
+@pytest.mark.parametrize("model", ["org/model", "zoo:safe"])
+def test_library_defaults_are_the_cli_defaults(model):
+    """``evaluate_models([model])`` and ``evomerge eval model`` settle on the same EvalConfig."""
+    from evomerge.cli import build_parser
+    from evomerge.commands.evaluate import config_from_args
+    from evomerge.evaluation import default_config
+
+    args = build_parser().parse_args(["eval", model])
+    assert config_from_args(args, args.models) == default_config([model])
+    real = default_config(["org/model"])
+    assert real.sets == ["uncensorbench", "strongreject"] and real.max_new_tokens == 256
+    zoo = default_config(["zoo:safe"])
+    assert zoo.judge.model == "zoo:guard" and zoo.max_new_tokens == 64

@@ -31,23 +31,19 @@ def config_from_args(args: argparse.Namespace, models: list[str]) -> EvalConfig:
     from evomerge.evaluation import JudgeConfig
     from evomerge.refs import is_zoo_ref
 
-    zoo = any(is_zoo_ref(m) for m in models)
+    zoo = any(is_zoo_ref(m) for m in models)  # only for a bare --judge llama_guard: the zoo's guard
     guard = args.guard or ("zoo:guard" if zoo else None)
     judges = [JudgeConfig.parse(text, guard) for text in (args.judge or ["llama_guard"])]
     fields: dict = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "seed": args.seed,
                     "limit": args.limit, "judge": judges[0], "extra_judges": judges[1:]}
     if args.prompts:
         fields["sets"] = args.prompts
-    elif not zoo:
-        fields["sets"] = ["uncensorbench", "strongreject"]
     if args.max_new_tokens:
         fields["max_new_tokens"] = args.max_new_tokens
-    from evomerge.merge.recipe import validate_mapping
+    from evomerge.config import validate_mapping
 
-    if zoo:
-        return validate_mapping(EvalConfig, {"judge": JudgeConfig(model="zoo:guard"), "max_new_tokens": 64} | fields,
-                                "--judge/--prompts")
-    return validate_mapping(EvalConfig, {"max_new_tokens": 256} | fields, "--judge/--prompts")
+    # the defaults are EvalConfig's (the library's): only what was given on the command line is set here
+    return validate_mapping(EvalConfig, EvalConfig.default_fields(models) | fields, "--judge/--prompts")
 
 
 def _print(frame, title: str) -> None:

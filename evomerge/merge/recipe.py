@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from evomerge.config import load_yaml, validate_mapping  # noqa: F401  (re-exported: older imports)
 from evomerge.errors import ConfigError
 from evomerge.merge.genome import Genome
 from evomerge.merge.methods import MethodOptions, get_method, parse_options
@@ -103,35 +103,6 @@ class MergeRecipe(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
-
-
-def validate_mapping(model: type[BaseModel], data: Any, source: str) -> Any:
-    """``model.model_validate(data)``; every error names the field by its dotted path and
-    the source (file) it came from, as one :class:`ConfigError`. Shared by every recipe type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except ValidationError as exc:
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(top)"
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" + (" (unknown field)" if e["type"] == "extra_forbidden" else ""))
-        raise ConfigError(f"{source}: " + "; ".join(parts)) from None
-
-
-def load_yaml(path: str | os.PathLike[str]) -> Any:
-    """Read a YAML file; errors name the file."""
-    path = Path(path)
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
 
 
 def load_genome(path: str | os.PathLike[str]) -> GenomeSpec:

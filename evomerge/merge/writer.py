@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import yaml
 
+from evomerge.errors import ConfigError, EvomergeError, check_device
 from evomerge.io_utils import atomic_directory, check_replaceable
 from evomerge.merge.cache import RoundedInputsPool, build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
-from evomerge.errors import ConfigError, EvomergeError, check_device
 from evomerge.pool import LoadOptions, Pool, TokenizerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,8 @@ def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
     """An evomerge merge recipe, a mergekit config (``merge_method``) or a search recipe
     (``pool`` + ``data``: its pool, method and options; the genome comes from ``--genome``,
     e.g. a run's ``best_genome.yaml``)."""
+    from evomerge.config import load_yaml
     from evomerge.merge.mergekit_compat import from_mergekit, is_mergekit_config
-    from evomerge.merge.recipe import load_yaml
 
     data: Any = load_yaml(path)
     if is_mergekit_config(data):

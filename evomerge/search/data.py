@@ -7,13 +7,14 @@ Files are JSONL, JSON or parquet (read with pandas) or a folder saved by
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.datafiles import saved_dataset_rows, seeded_subset
 from evomerge.errors import ConfigError
 from evomerge.refs import ZOO_PREFIX, resolve_path  # noqa: F401  (re-exported: older imports)
+
 
 @dataclass(frozen=True)
 class QASet:
@@ -40,21 +41,8 @@ class QASet:
         """
         if n is None or n >= len(self.rows):
             return self
-        picked = sorted(random.Random(f"{seed}:{self.name}").sample(range(len(self.rows)), n))
-        return QASet(self.name, self.source, tuple(self.rows[i] for i in picked), self.prompt_field, self.answer_field)
-
-
-def saved_dataset_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``datasets.save_to_disk`` folder: a Dataset, or a DatasetDict with one split."""
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(path))
-    if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or refuse to guess
-        splits = list(ds.keys())
-        if len(splits) != 1:
-            raise ConfigError(f"{path}: a dataset with splits {splits}; point at one split's folder")
-        ds = ds[splits[0]]
-    return [dict(r) for r in ds]
+        rows = tuple(seeded_subset(list(self.rows), n, f"{seed}:{self.name}"))
+        return QASet(self.name, self.source, rows, self.prompt_field, self.answer_field)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -23,9 +23,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.config import apply_overrides, load_overridden, load_yaml, validate_mapping  # noqa: F401  (re-exported)
 from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_method, parse_options
-from evomerge.merge.recipe import load_yaml, validate_mapping
 from evomerge.refs import ZOO_PREFIX
 
 SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
@@ -234,46 +234,9 @@ class SearchRecipe(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` entries in a nested mapping (a copy); a bad key is named."""
-    out = yaml.safe_load(yaml.safe_dump(data, sort_keys=False))  # deep copy, key order kept
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value (for example search.steps=3)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override '{item}': empty name in '{key}'")
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{'.'.join(parts[: depth + 1])}' is not a section")
-            node = child
-        node[parts[-1]] = _parse_value(value)
-    return out
-
-
 def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:
     """Validate a mapping as a :class:`SearchRecipe`."""
     return validate_mapping(SearchRecipe, data, source)
-
-
-def load_overridden(path: str | os.PathLike[str], overrides: list[str] | None) -> dict[str, Any]:
-    """A recipe file's mapping with ``key=value`` overrides applied."""
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return apply_overrides(data, overrides or [])
 
 
 def load_search_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> SearchRecipe:
