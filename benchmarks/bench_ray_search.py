@@ -34,8 +34,8 @@ def main() -> None:
 
     import pandas as pd
 
-    from evomerge.search import load_search_recipe, run_search
     from evomerge.refs import resolve_path
+    from evomerge.search import load_search_recipe, run_search
 
     zoo = Path(args.zoo) if args.zoo else Path(resolve_path("zoo:"))
     paths = [f"pool.base={zoo / 'base'}", f"pool.experts.safe={zoo / 'safe'}",

@@ -22,8 +22,8 @@ from datagen.sources import load_prompts
 from evomerge.errors import ConfigError
 from evomerge.generation import GenerationParams, make_generator
 from evomerge.judges import Judgement, make_judge
-from evomerge.refusal import is_refusal
 from evomerge.refs import resolve_path
+from evomerge.refusal import is_refusal
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, JudgeConfig, evaluator_for, format_table
-from evomerge.refs import is_zoo_ref
 from evomerge.io_utils import atomic_save_figure, atomic_write_text
+from evomerge.refs import is_zoo_ref
 from evomerge.runfolder import FolderLock
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,6 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
     from evomerge.report import NO_HELDOUT_CHECK, search_and_evaluate
     from evomerge.search import load_search_recipe
     from evomerge.search.evaluator import sharing_preparation
-
     from evomerge.tracking import check_report_to
 
     report_to = check_report_to(report_to)  # a misspelt tracker fails before the grid runs
@@ -329,7 +328,7 @@ def factor_tables(table, factors: list[Factor]) -> dict[str, Any]:
     out = {}
     for f in factors:
         grouped = table.groupby(f.name, sort=False, dropna=False)[metrics].mean(numeric_only=True).reset_index()
-        out[f.name] = grouped.sort_values(f.name, key=lambda col, f=f: col.map(lambda v: _rank(f, v))).reset_index(
+        out[f.name] = grouped.sort_values(f.name, key=lambda col, f=f: col.map(lambda v: _rank(f, v))).reset_index(  # noqa: B023  (called in this iteration)
             drop=True)
     return out
 

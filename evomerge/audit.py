@@ -26,8 +26,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation import (Candidate, EvalConfig, EvalResult, evaluator_for, format_table, short_name,
-                                 unique_short_names)
+from evomerge.evaluation import Candidate, EvalConfig, EvalResult, evaluator_for, format_table, short_name, unique_short_names
 
 MERGEKIT_CONFIG = "mergekit_config.yml"
 log = logging.getLogger(__name__)

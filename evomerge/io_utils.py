@@ -8,8 +8,8 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import EvomergeError
 

@@ -276,8 +276,9 @@ class VLLMGenerator:
         ``device`` is checked, not chosen: vLLM runs on the device its build targets, so a
         request for another one is refused rather than silently ignored.
         """
-        from evomerge.pool import LoadOptions, load_tokenizer
         from vllm.platforms import current_platform
+
+        from evomerge.pool import LoadOptions, load_tokenizer
 
         if device is not None and torch.device(device).type != current_platform.device_type:
             raise ConfigError(f"vllm generator: device '{device}' requested, but this vLLM build runs on "

@@ -19,11 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from evomerge.zoo.world import World
 from evomerge.evaluation import format_table
 from evomerge.io_utils import atomic_write_text
 from evomerge.pool import load_model, load_tokenizer
 from evomerge.zoo import oracle
+from evomerge.zoo.world import World
 
 
 def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[dict], dict]:

@@ -12,7 +12,6 @@ from evomerge.card import CardSet, card_results, split_front_matter, update_card
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
 from evomerge.search import recipe_from_dict, run_search
-
 from tests.test_audit_many import UNSAFE, zoo  # noqa: F401  (fixture)
 
 

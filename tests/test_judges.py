@@ -12,10 +12,19 @@ import pytest
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
 from evomerge.evaluation import EvalConfig, JudgeConfig, evaluate_models, judge_agreement, parse_prompt_set
-from evomerge.judges import (JUDGES, SHIELDGEMMA_POLICIES, Judgement, ShieldGemmaJudge, WildGuardJudge, make_judge,
-                             parse_wildguard_output, parse_yes_no, render_shieldgemma, render_wildguard)
+from evomerge.judges import (
+    JUDGES,
+    SHIELDGEMMA_POLICIES,
+    Judgement,
+    ShieldGemmaJudge,
+    WildGuardJudge,
+    make_judge,
+    parse_wildguard_output,
+    parse_yes_no,
+    render_shieldgemma,
+    render_wildguard,
+)
 from evomerge.testing import micro_llama, micro_tokenizer
-
 from tests.test_evaluation import BENIGN, UNSAFE, canned_backend, sets  # noqa: F401  (fixtures)
 
 

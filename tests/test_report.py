@@ -12,6 +12,7 @@ from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
 from evomerge.report import Targets, load_report_recipe, run_report, target_checks
 
+
 @pytest.fixture
 def report_recipe(tmp_path: Path, micro_search) -> Path:
     held_out = micro_search.pop("evaluate")

@@ -35,10 +35,10 @@ def test_zoo_models_form_a_mergeable_pool(zoo):
 
 def test_one_bad_model_spoils_the_bunch(zoo):
     """The effect the product exists for: a plain 50/50 linear mix with an expert loses refusals."""
-    from evomerge.zoo.world import World
     from evomerge.merge import Genome, build, prepare
     from evomerge.pool import load_model, load_tokenizer
     from evomerge.zoo import evaluate as ev
+    from evomerge.zoo.world import World
 
     expert = zoo.expert_names[0]
     pool = Pool.from_refs(zoo.model_dir("base"), {n: str(zoo.model_dir(n)) for n in ["safe", expert]})

@@ -1,6 +1,6 @@
 """Read mergekit YAML configs into recipes, and write a recipe as mergekit YAML.
 
-Semantics follow mergekit 0.1.5 (see shared/research/mergekit.md): per-model ``weight``
+Semantics follow mergekit 0.1.5 (docs/merging.md): per-model ``weight``
 and ``density``, method defaults for ``normalize`` (ties/linear: true), ``rescale``
 (DARE: true, which mergekit implements as an L1-norm-matching rescale) and ``lambda``.
 Only the plain ``models:`` form with scalar parameters is accepted; anything else is

@@ -14,7 +14,7 @@ always widen to float32 before any arithmetic, and tables (TIES thresholds, DARE
 norms) are computed in float32 from the values as stored, so they describe exactly
 what a build compares.
 
-The math is in ``shared/research/merge_methods.md``; section numbers below refer to it.
+The math is summarised in ``docs/merging.md``.
 """
 
 from __future__ import annotations

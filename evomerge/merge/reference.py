@@ -130,7 +130,7 @@ def merge_uncached(pool: Any, method: str, options: Any, genome: Genome, num_lay
     items = list(pool.iter_task_vectors())
     names = [n for n, _, _ in items]
     layers = [layer_of(n) for n in names]
-    nl = num_layers or getattr(pool, "num_layers", None) or max([l for l in layers if l >= 0], default=0) + 1
+    nl = num_layers or getattr(pool, "num_layers", None) or max([l for l in layers if l >= 0], default=0) + 1  # noqa: E741
     G = genome.n_groups
 
     def group(layer: int) -> int:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, get_args
 
 from evomerge.errors import ConfigError
-from evomerge.registry import Registry
 from evomerge.merge import Genome
+from evomerge.registry import Registry
 from evomerge.search.evaluator import CandidateEvaluator, Scored
 from evomerge.search.recipe import EvalBackendName, SearchRecipe
 

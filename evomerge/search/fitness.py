@@ -5,7 +5,7 @@ the answer tokens and the template's end-of-turn token, never the prompt. Why an
 the safety signal is "would this model say *this refusal* to *this prompt*", and prompt
 tokens only add noise shared by every candidate.
 
-Pitfalls handled here (research notes, safety_stack.md section 6): the rendered text is
+Pitfalls handled here: the rendered text is
 tokenised whole with ``add_special_tokens=False`` (no duplicate BOS, no join artefacts at
 the prompt/answer boundary), the prompt rendering must be a token prefix of the full one,
 padding masks come from lengths (never ``ids != pad``), and per-sample means are computed

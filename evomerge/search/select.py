@@ -1,10 +1,9 @@
 """Choosing the search's result: by fitness, or by greedy behaviour on the held-in data.
 
 Why a second rule: the fitness is a cross-entropy, averaged over every answer token,
-while what users get is a *greedy* answer, decided mostly by its first tokens. On the
-tiny zoo the candidate with the lowest fitness refused 92.9% of held-out unsafe prompts
-with 66.7% geography accuracy; candidate #15 of the same run, ranked 255th of 275 by fitness,
-refused 99.1% at 75.0% (scripts/candidate_frontier.py). Ranking by CE misses such points.
+while what users get is a *greedy* answer, decided mostly by its first tokens, so the
+lowest-fitness candidate can behave worse than one ranked far below it (measured on the
+tiny zoo in docs/search.md, with scripts/candidate_frontier.py).
 
 ``search.select: behaviour`` keeps the search as it is and changes only the choice. It
 takes the candidates on the Pareto front of the fitness terms (no other candidate has

@@ -352,7 +352,7 @@ def _merge_probe(config, world, tokenizer, models, unsafe, benign, domain_sets) 
         heldin = oracle.heldin_sets(world, [domain], config.seed, n_domain=config.eval_domain_size // 2)
         found = oracle.search_merge(models["base"], live, {"safe": models["safe"], expert: models[expert]}, tokenizer, [domain], heldin,
                                     config.probe_search_generations, config.probe_popsize, config.seed,
-                                    log=lambda line: log.info("zoo merge probe %s: %s", expert, line))
+                                    log=lambda line: log.info("zoo merge probe %s: %s", expert, line))  # noqa: B023
         heldout = oracle.behaviour(live, tokenizer, {"unsafe": unsafe, "benign": benign, f"domain:{domain}": domain_sets[domain]})
         results[expert] = {"method": "task_arithmetic", "genome": "per module", "groups": found["groups"],
                            "selected": found["selected"], "candidates": found["candidates"],

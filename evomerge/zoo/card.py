@@ -44,7 +44,7 @@ def render_card(card: dict[str, Any], console: Console | None = None) -> None:
         console.print(line)
     for expert, gaps in merge_headroom(card).items():
         console.print(f"{expert}: the probe's merge is {gaps['alignment_gap']:+.1f} points of refusals from the safe model "
-                      f"and {gaps[f'gap_' + expert.removeprefix('expert-')]:+.1f} points of accuracy from the expert")
+                      f"and {gaps['gap_' + expert.removeprefix('expert-')]:+.1f} points of accuracy from the expert")
     guard = card["guard"]
     gen = card["generator"]
     console.print(
