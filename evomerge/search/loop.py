@@ -43,6 +43,7 @@ class SearchResult:
     space: GenomeSpace
     prepare_s: float  # time spent preparing the merge cache before the search
     heldout: Any = None  # pandas DataFrame of the held-out check, when the recipe asks for one
+    columns: dict[str, list[Any]] | None = None  # the mode's derived columns (front, feasible), row-aligned
 
     @property
     def evaluator(self) -> CandidateEvaluator:
@@ -180,7 +181,8 @@ def _search(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progre
     best = state.candidates[best_i]
     _check_best_is_finite(best, state)
     best_genome = Genome.from_values(**_genome_fields(best), expert_names=list(space.expert_names))
-    result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s)
+    result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s,
+                          columns=proposer.columns(state.candidates))
     atomic_write_text(run / "best_genome.yaml", yaml.safe_dump(
         {"genome": best_genome.to_dict(list(space.expert_names)), "method": method,
          "candidate": best["index"], "fitness": best["fitness"], "groups": space.group_names()}, sort_keys=False))
