@@ -282,3 +282,34 @@ def test_cli_exits_2_on_a_bad_constraint_field(tmp_path, recipe_data, capsys):
     assert code == 2
     assert "search.constraint.reference" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_pareto_kill_9_then_resume_gives_the_same_run_and_front(tmp_path, recipe_data):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe_data["search"] = {"mode": "pareto", "steps": 25, "popsize": 6, "layer_granularity": 1}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_data))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "evomerge.cli", "search", str(path), "--quiet", "--run-dir"]
+    subprocess.run([*cli, str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "generations.csv").exists() or len((killed / "generations.csv").read_text().splitlines()) < 4:
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = RunDir(killed).load_checkpoint()
+    assert not state.finished and 3 <= state.generation < 25
+    subprocess.run([*cli, str(killed), "--resume"], check=True, env=env, capture_output=True)
+    pd.testing.assert_frame_equal(_table(killed), _table(tmp_path / "straight"))
+    assert (killed / "front.csv").read_text() == (tmp_path / "straight" / "front.csv").read_text()
+    assert (killed / "best_genome.yaml").read_text() == (tmp_path / "straight" / "best_genome.yaml").read_text()
