@@ -1,7 +1,7 @@
 """Which multi-objective optimiser for ``search.mode: pareto``: optuna's NSGA-II against
 COMO-CMA-ES (comocma), with the same budget on the same evaluator.
 
-    PYTHONPATH=. python benchmarks/bench_pareto_optimisers.py [--budget 60] [--seeds 0 1]
+    PYTHONPATH=. python benchmarks/bench_pareto_optimisers.py [--budget 60] [--seeds 0 1] [--n-samples 100]
 
 The pool is recipes/demo.yaml's (safe model + geography expert on the tiny zoo, TIES,
 per-layer weights and densities: 12 genes), scored on the zoo's held-in sets. The
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--popsize", type=int, default=10)
+    parser.add_argument("--n-samples", type=int, default=100, help="held-in samples per set (fitness.n_samples)")
     args = parser.parse_args()
 
     import torch
@@ -108,7 +109,7 @@ def main() -> None:
     from evomerge.search import CandidateEvaluator, GenomeSpace, load_search_recipe
 
     torch.set_num_threads(1)
-    recipe = load_search_recipe("recipes/demo.yaml", OVERRIDES + ["search.mode=pareto", f"search.popsize={args.popsize}"])
+    recipe = load_search_recipe("recipes/demo.yaml", OVERRIDES + ["search.mode=pareto", f"search.popsize={args.popsize}", f"fitness.n_samples={args.n_samples}"])
     ev = CandidateEvaluator(recipe)
     space = GenomeSpace.from_recipe(recipe, ev.num_layers)
     # the pool's models as merges (TIES of one expert at weight 1, density 1 is that expert)
@@ -120,6 +121,7 @@ def main() -> None:
     ref = (max(p[0] for p in pool.values()), max(p[1] for p in pool.values()))
     bound = pool["safe"][0] + SLACK
     out = {"pool": pool, "reference_point": ref, "bound": bound, "budget": args.budget, "runs": []}
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}), flush=True)
     for seed in args.seeds:
         for name, fn in (("optuna-nsga2", run_optuna), ("comocma", run_comocma)):
             t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def main() -> None:
                    "optimiser_s": opt_s, "wall_s": wall}
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}), flush=True)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,21 @@ log = logging.getLogger(__name__)
 
 
 def ce_pareto_front(rows: list[dict[str, Any]], terms: list[str]) -> list[int]:
-    """Positions of the rows no other row beats on every term (lower is better)."""
+    """Positions of the rows no other row beats on every term (lower is better): no other
+    row is at least as low on every term and lower on one. Rows with a non-finite term or
+    fitness are left out."""
+    import numpy as np
+
     finite = [i for i, r in enumerate(rows) if all(math.isfinite(r.get(t, math.nan)) for t in terms)
               and math.isfinite(r["fitness"])]
+    if not finite:
+        return []
+    points = np.array([[rows[i][t] for t in terms] for i in finite], dtype=np.float64)
     front = []
-    for i in finite:
-        a = [rows[i][t] for t in terms]
-        dominated = any(all(rows[j][t] <= v for t, v in zip(terms, a)) and any(rows[j][t] < v for t, v in zip(terms, a))
-                        for j in finite if j != i)
-        if not dominated:
+    for pos, i in enumerate(finite):
+        p = points[pos]
+        beaten = (points <= p).all(axis=1) & (points < p).any(axis=1)
+        if not beaten.any():
             front.append(i)
     return front
 
