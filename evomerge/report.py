@@ -35,7 +35,8 @@ from evomerge.runfolder import FolderLock, check_name, dumps_report
 
 log = logging.getLogger(__name__)
 
-RowName = Literal["grid", "domain-only", "safety-aware", "safety-aware+select", "lm-cocktail", "lm-cocktail+safety"]
+RowName = Literal["grid", "domain-only", "safety-aware", "safety-aware+select", "lm-cocktail", "lm-cocktail+safety",
+                  "constrained", "pareto"]
 ROW_OVERRIDES: dict[str, list[str]] = {
     "grid": ["search.mode=grid"],
     "domain-only": ["search.mode=evomm-domain"],
@@ -44,7 +45,11 @@ ROW_OVERRIDES: dict[str, list[str]] = {
     "safety-aware+select": ["search.mode=cmaes", "search.select=behaviour"],
     "lm-cocktail": ["search.mode=lm-cocktail", "search.cocktail.use_safety=false"],
     "lm-cocktail+safety": ["search.mode=lm-cocktail", "search.cocktail.use_safety=true"],
+    # the safety-bar modes (docs/search.md): the search's reference and slack come from the search recipe
+    "constrained": ["search.mode=constrained", "search.select=fitness"],
+    "pareto": ["search.mode=pareto", "search.select=fitness"],
 }
+DEFAULT_ROWS = ("grid", "domain-only", "safety-aware", "safety-aware+select", "lm-cocktail", "lm-cocktail+safety")
 METHOD_FREE_ROWS = ("lm-cocktail", "lm-cocktail+safety")  # a weighted average whatever the method
 PAPER_NAMES = {"ties": "TIES", "dare_ties": "DARE-TIES", "breadcrumbs": "Breadcrumbs", "breadcrumbs_ties": "Breadcrumbs-TIES", "tsvm": "TSVM", "r_tsvm": "R-TSVM", "linear": "linear"}
 
@@ -67,7 +72,7 @@ class ReportRecipe(BaseModel):
     overrides: list[str] = []  # key=value applied to every search (e.g. search.steps=15)
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"ties": {}, "dare_ties": {}, "tsvm": {}, "r_tsvm": {}})  # method -> options
-    rows: list[RowName] = list(ROW_OVERRIDES)
+    rows: list[RowName] = list(DEFAULT_ROWS)
     include_base: bool = True  # evaluate the pool's base model too (context row)
     eval: EvalConfig | None = None  # None: the zoo's settings for a zoo pool, else EvalConfig()
     targets: Targets = Targets()
@@ -239,7 +244,7 @@ def pareto_plot(table, domains: list[str], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
     markers = {"grid": "s", "domain-only": "v", "safety-aware": "o", "safety-aware+select": "X", "lm-cocktail": "D",
-               "lm-cocktail+safety": "P"}
+               "lm-cocktail+safety": "P", "constrained": "^", "pareto": "h"}
     methods = [m for m in table["method"].unique() if m != "-"]
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     points = []

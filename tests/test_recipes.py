@@ -22,7 +22,7 @@ def test_shipped_recipe_is_valid(path):
 
         recipe = load_report_recipe(path)
         cells = plan(recipe)
-        assert len(cells) == len(recipe.methods) * 4 + 2  # 4 rows per method, LM-Cocktail twice
+        assert len(cells) == len(recipe.methods) * 6 + 2  # 6 rows per method (with constrained, pareto), LM-Cocktail twice
         for method, row in cells:
             search = search_recipe_for(recipe, method, row)
             assert search.merge.method == method and not search.write_model

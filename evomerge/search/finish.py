@@ -75,6 +75,50 @@ def fitness_plot(generations, path) -> None:
     atomic_save_figure(fig, path)
 
 
+def front_table(result):
+    """The non-dominated candidates (``front`` column of the mode), safest first; None
+    for modes without a front."""
+    import pandas as pd
+
+    cols = result.columns or {}
+    if "front" not in cols:
+        return None
+    frame = pd.DataFrame(result.state.candidates)
+    for name, values in cols.items():
+        frame[name] = values
+    frame["chosen"] = frame["index"] == result.best["index"]
+    terms = [c for c in frame.columns if c.startswith("ce_") and frame[c].notna().any()]
+    keep = ["index", "generation", "fitness", *terms, *[c for c in ("feasible", "chosen") if c in frame], "genome"]
+    return frame.loc[frame["front"], keep].sort_values(["ce_safety", "index"]).reset_index(drop=True)
+
+
+def front_plot(result, bound: float | None, path) -> None:
+    """CE_safety against CE_domain: every candidate, the front, the bar and the result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(result.state.candidates)
+    frame["front"] = result.columns["front"]
+    ok = frame[frame["ce_safety"].map(math.isfinite) & frame["ce_domain"].map(math.isfinite)]
+    front = ok[ok["front"]].sort_values("ce_safety")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.scatter(ok["ce_domain"], ok["ce_safety"], s=10, c="0.7", label="candidates")
+    ax.plot(front["ce_domain"], front["ce_safety"], "o", ms=5, label="non-dominated")
+    best = result.best
+    ax.plot([best["ce_domain"]], [best["ce_safety"]], "*", ms=14, c="C3", label=f"result #{best['index']}")
+    if bound is not None:
+        ax.axhline(bound, ls="--", lw=1, c="C2", label=f"safety bar {bound:.3f}")
+    ax.set_xlabel("CE_domain (mean over domain sets; lower: more skilled)")
+    ax.set_ylabel("CE_safety (lower: safer)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
 def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, float], heldout) -> str:
     import pandas as pd
 
@@ -116,6 +160,17 @@ def write_report(result, recipe: SearchRecipe, method: str, timing: dict[str, fl
             f"{s} " + ", ".join(f"{n} {k}" for k, n in kinds.items()) for s, kinds in found["counts"].items())
         lines += [f"Contamination check (evaluation prompts vs search data; exact, normalised, "
                   f"{found['ngram']}-word runs): {state}.", ""]
+    ref = result.state.reference
+    if ref:
+        pool = ", ".join(f"{k} {v:.4f}" for k, v in ref.get("pool_ce_safety", {}).items())
+        lines += ["## Safety bar", "",
+                  f"CE_safety <= {ref['bound']:.4f}: {ref.get('model') or 'the recipe'}'s {ref['ce_safety']:.4f} "
+                  f"plus slack {ref['slack']}" + (f" (pool: {pool})" if pool else "") + ".", ""]
+    front = front_table(result)
+    if front is not None:
+        shown = front.drop(columns=["genome"])
+        lines += [f"## Non-dominated front ({len(front)} of {len(result.state.candidates)} candidates)", "",
+                  "![front](front.png)", "", format_table(shown, 4), "", "Genomes: `front.csv`.", ""]
     if heldout is not None:
         sizes = ", ".join(f"{k} n={v}" for k, v in heldout.attrs.get("sizes", {}).items())
         lines += ["## Held-out check (greedy answers; refusal phrases; exact match), percent", "",
@@ -154,10 +209,15 @@ def finish_run(result, recipe: SearchRecipe, method: str, options: dict[str, Any
     if heldout is not None:
         atomic_write_text(run / "heldout.csv", heldout.to_csv(index=False))
     fitness_plot(pd.DataFrame(result.state.generations), run / "fitness.png")
+    front = front_table(result)
+    if front is not None:
+        atomic_write_text(run / "front.csv", front.to_csv(index=False))
+        front_plot(result, result.state.reference.get("bound"), run / "front.png")
     atomic_write_text(run / "report.md", write_report(result, recipe, method, timing, heldout))
     summary = {"best": {k: v for k, v in result.best.items() if k != "genome"},
                "genome": json.loads(result.best["genome"]), "method": method, "timing": timing,
-               "stop_reason": result.state.stop_reason,
+               "stop_reason": result.state.stop_reason, "reference": result.state.reference or None,
+               "front": None if front is None else front["index"].tolist(),
                "heldout": None if heldout is None else heldout.to_dict(orient="records")}
     atomic_write_text(run / "summary.json", dumps_report(summary))  # strict JSON: NaN/inf become null
     if recipe.write_model:

@@ -23,7 +23,8 @@ from evomerge.io_utils import atomic_write_text
 from evomerge.merge import Genome
 from evomerge.search.backends import EvaluationBackend, make_backend
 from evomerge.search.evaluator import CandidateEvaluator, Scored
-from evomerge.search.proposers import make_proposer
+from evomerge.search.modes import MODES
+from evomerge.search.proposers import Proposer, make_proposer
 from evomerge.search.recipe import SearchRecipe
 from evomerge.search.run import RunDir, SearchState
 from evomerge.search.space import GenomeSpace
@@ -42,6 +43,7 @@ class SearchResult:
     space: GenomeSpace
     prepare_s: float  # time spent preparing the merge cache before the search
     heldout: Any = None  # pandas DataFrame of the held-out check, when the recipe asks for one
+    columns: dict[str, list[Any]] | None = None  # the mode's derived columns (front, feasible), row-aligned
 
     @property
     def evaluator(self) -> CandidateEvaluator:
@@ -50,38 +52,12 @@ class SearchResult:
 
 
 def _method_for(recipe: SearchRecipe) -> tuple[str, dict[str, Any] | None]:
-    """LM-Cocktail is a weighted average of the models whatever the recipe's method."""
-    if recipe.search.mode == "lm-cocktail":
-        return "linear", {}
+    """The merge method of the recipe, unless the mode merges with its own (LM-Cocktail is
+    a weighted average of the models whatever the recipe's method)."""
+    forced = MODES[recipe.search.mode].method
+    if forced is not None:
+        return forced, {}
     return recipe.merge.method, None
-
-
-def _fitness_for(recipe: SearchRecipe, scored: Scored) -> float:
-    """The value the proposer minimises: domain CE only for the safety-unaware baseline."""
-    if recipe.search.mode == "evomm-domain":
-        value = scored.terms["ce_domain"]
-        return value if math.isfinite(value) else math.inf
-    return scored.fitness
-
-
-def _planned_evals(recipe: SearchRecipe, proposer: Any) -> int | None:
-    s = recipe.search
-    if s.mode == "grid":
-        return proposer.total
-    if s.mode == "lm-cocktail":
-        return proposer.popsize + 1
-    limits = [v for v in (s.steps and s.steps * proposer.popsize, s.max_evals) if v]
-    return min(limits) if limits else None
-
-
-def _stop_reason(recipe: SearchRecipe, state: SearchState, proposer: Any) -> str:
-    s = recipe.search
-    if s.mode in ("cmaes", "evomm-domain"):
-        if s.steps is not None and state.generation >= s.steps:
-            return f"search.steps={s.steps} generations done"
-        if s.max_evals is not None and len(state.candidates) >= s.max_evals:
-            return f"search.max_evals={s.max_evals} reached"
-    return proposer.internal_stop()
 
 
 def run_search(
@@ -180,10 +156,15 @@ def _search(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progre
     backend = make_backend(recipe, method, options)
     try:
         space = GenomeSpace.from_recipe(recipe, backend.num_layers, method)
-        proposer = make_proposer(space, recipe)
+        resumed = state is not None
         if state is None:
             state = SearchState(mode=recipe.search.mode, data=fingerprints)
-        else:
+        if MODES[recipe.search.mode].reference and not state.reference:
+            from evomerge.search.reference import measure_reference
+
+            state.reference = measure_reference(recipe, backend.driver_evaluator())  # once: kept in the checkpoint
+        proposer = make_proposer(space, recipe, state.reference or None)
+        if resumed:
             log.info("resuming %s after generation %d (%d candidates)", run.path, state.generation,
                      len(state.candidates))
             replay(proposer, state, space, run)
@@ -192,22 +173,19 @@ def _search(recipe: SearchRecipe, run: RunDir, state: SearchState | None, progre
     finally:
         backend.close()  # workers' caches and models are freed before the finish steps
 
-    best_i = proposer.best_index(state.candidates)
-    if recipe.search.select == "behaviour" and recipe.search.mode != "lm-cocktail":
+    best_i, records = proposer.choose(state.candidates, backend.driver_evaluator, list(space.expert_names))
+    if records is not None:
         import pandas as pd
 
-        from evomerge.search.select import select_by_behaviour
-
-        best_i, records = select_by_behaviour(recipe, state.candidates, backend.driver_evaluator(),
-                                              list(space.expert_names), best_i)
         atomic_write_text(run / "selection.csv", pd.DataFrame(records).to_csv(index=False))
     best = state.candidates[best_i]
     _check_best_is_finite(best, state)
     best_genome = Genome.from_values(**_genome_fields(best), expert_names=list(space.expert_names))
-    result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s)
+    result = SearchResult(run.path, best_genome, best, state, backend, space, backend.prepare_s,
+                          columns=proposer.columns(state.candidates))
     atomic_write_text(run / "best_genome.yaml", yaml.safe_dump(
         {"genome": best_genome.to_dict(list(space.expert_names)), "method": method,
-         "candidate": best["index"], "fitness": best["fitness"]}, sort_keys=False))
+         "candidate": best["index"], "fitness": best["fitness"], "groups": space.group_names()}, sort_keys=False))
     if write_outputs:
         from evomerge.search.finish import finish_run
 
@@ -232,19 +210,20 @@ def _scored_from_row(row: dict[str, Any]) -> Scored:
     return Scored(row["fitness"], terms, row["build_s"], row["score_s"])
 
 
-def replay(proposer, state: SearchState, space: GenomeSpace, run: RunDir) -> None:
+def replay(proposer: Proposer, state: SearchState, space: GenomeSpace, run: RunDir) -> None:
     """Bring a fresh proposer to where the checkpointed run left it: for every recorded
     generation, the same calls as the loop made (stop check, ask, tell) with the recorded
-    fitness values. Every proposer is deterministic given its seed and what it was told,
-    so this reproduces its state exactly; a genome that differs from the record means the
-    checkpoint does not belong to this recipe (or evomerge version) and is refused."""
+    scores. Every proposer is deterministic given its seed and what it was told, so this
+    reproduces its state exactly; a genome or a told value that differs from the record
+    means the checkpoint does not belong to this recipe (or evomerge version) and is refused."""
     by_generation: dict[int, list[dict[str, Any]]] = {}
     for row in state.candidates:
         by_generation.setdefault(int(row["generation"]), []).append(row)
     names = list(space.expert_names)
     for g in range(state.generation):
         rows = by_generation.get(g, [])
-        proposer.internal_stop()
+        done = sum(len(by_generation.get(k, [])) for k in range(g))
+        proposer.stop(g, done)  # the loop checks before every generation (pycma's stop() touches its state)
         genomes = proposer.ask()
         recorded = [r["genome"] for r in rows]
         if [json.dumps(x.to_dict(names)) for x in genomes] != recorded:
@@ -252,51 +231,54 @@ def replay(proposer, state: SearchState, space: GenomeSpace, run: RunDir) -> Non
                 f"{run / 'checkpoint.json'}: generation {g} does not replay to the recorded genomes; the checkpoint "
                 "was written by another evomerge version or edited. Start over with --force"
             )
-        proposer.tell(genomes, [_scored_from_row(r) for r in rows], [r["fitness"] for r in rows])
+        told = proposer.tell(genomes, [_scored_from_row(r) for r in rows])
+        if [float(v) for v in told] != [float(r["fitness"]) for r in rows]:
+            raise ConfigError(
+                f"{run / 'checkpoint.json'}: generation {g} replays to other fitness values than recorded; the "
+                "checkpoint was written by another evomerge version or edited. Start over with --force"
+            )
 
 
 def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(row["genome"])
-    return {"weights": data["weights"], "densities": data.get("densities"), "scale": data.get("scale", 1.0)}
+    return {"weights": data["weights"], "densities": data.get("densities"), "scale": data.get("scale", 1.0),
+            "modules": bool(data.get("modules", False))}
 
 
-def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: EvaluationBackend, space: GenomeSpace,
+def _loop(recipe, run: RunDir, state: SearchState, proposer: Proposer, backend: EvaluationBackend, space: GenomeSpace,
           show_progress: bool, trackers=None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True, quiet=not show_progress)
-    planned = _planned_evals(recipe, proposer)
+    planned = proposer.planned_evals()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     started = time.perf_counter() - state.elapsed_s
     with Progress(*columns, console=console, transient=False, disable=not show_progress) as bar:
         task = bar.add_task(f"{recipe.name} [{recipe.search.mode}]", total=planned, completed=len(state.candidates))
         while True:
-            reason = _stop_reason(recipe, state, proposer)
+            reason = proposer.stop(state.generation, len(state.candidates))
             if reason:
                 state.stop_reason = reason
                 break
             gen_started = time.perf_counter()
             genomes = proposer.ask()
             if not genomes:
-                state.stop_reason = proposer.internal_stop() or "proposer has nothing left"
+                state.stop_reason = "proposer has nothing left"
                 break
             # the whole generation at once, so a parallel backend can spread it
             scored = backend.evaluate_many(genomes, on_result=lambda _pos: bar.advance(task))
-            values, rows = [], []
-            for pos, (genome, s) in enumerate(zip(genomes, scored)):
-                value = _fitness_for(recipe, s)
-                values.append(value)
-                role = proposer.role_of(pos) if hasattr(proposer, "role_of") else proposer.role
-                rows.append(_row(len(state.candidates) + pos, state.generation, space, genome, s, value, role))
-            proposer.tell(genomes, scored, values)
+            roles = [proposer.role_of(pos) for pos in range(len(genomes))]
+            values = proposer.tell(genomes, scored)  # the values the mode minimised
+            rows = [_row(len(state.candidates) + pos, state.generation, space, genome, s, value, role)
+                    for pos, (genome, s, value, role) in enumerate(zip(genomes, scored, values, roles))]
             state.candidates.extend(rows)
             state.generation += 1
-            gen = _generation_row(state, rows, getattr(proposer, "sigma", None), time.perf_counter() - gen_started)
+            gen = _generation_row(state, rows, proposer.sigma, time.perf_counter() - gen_started)
             state.generations.append(gen)
             state.elapsed_s = time.perf_counter() - started
             run.save_checkpoint(state)
-            run.write_tables(state)
+            run.write_tables(state, proposer.columns(state.candidates))
             if trackers is not None:  # after the checkpoint: a tracker never holds a generation the run lacks
                 trackers.log_metrics({f"search/{k}": v for k, v in gen.items() if k != "generation"},
                                      gen["generation"])
@@ -304,7 +286,7 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: Evaluation
     state.finished = True
     state.elapsed_s = time.perf_counter() - started
     run.save_checkpoint(state)
-    run.write_tables(state)
+    run.write_tables(state, proposer.columns(state.candidates))
     console.print(f"stopped: {state.stop_reason}")
 
 
@@ -330,7 +312,7 @@ def _finite_mean(values: list[float]) -> float:
     return math.nan if all(math.isnan(v) for v in values) else math.inf
 
 
-def _generation_row(state: SearchState, rows: list[dict[str, Any]], sigma: float | None, seconds: float) -> dict[str, Any]:
+def _generation_row(state: SearchState, rows: list[dict[str, Any]], sigma: float, seconds: float) -> dict[str, Any]:
     best = min(rows, key=lambda r: r["fitness"])
     so_far = min(r["fitness"] for r in state.candidates)
     out = {"generation": state.generation - 1, "evals": len(state.candidates), "best_fitness": best["fitness"],
@@ -338,7 +320,7 @@ def _generation_row(state: SearchState, rows: list[dict[str, Any]], sigma: float
     for term in TERMS:
         out[f"best_{term}"] = best[term]
         out[f"mean_{term}"] = _finite_mean([r[term] for r in rows])
-    out["sigma"] = sigma if sigma is not None else math.nan
+    out["sigma"] = sigma
     out["seconds"] = seconds
     out["build_s"] = sum(r["build_s"] for r in rows)
     out["score_s"] = sum(r["score_s"] for r in rows)

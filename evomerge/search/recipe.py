@@ -27,8 +27,9 @@ from evomerge.config import apply_overrides, load_overridden, load_yaml, validat
 from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_method, parse_options
 from evomerge.refs import ZOO_PREFIX
+from evomerge.search.modes import MODE_NAMES, MODES
 
-SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
+SearchMode = Literal[MODE_NAMES]  # one table of modes: evomerge.search.modes
 
 
 class _Strict(BaseModel):
@@ -137,8 +138,24 @@ class WorkersSpec(_Strict):
     num_gpus_per_worker: float = Field(0.0, ge=0.0)  # 1: one GPU per actor (set fitness.device: cuda)
 
 
+class ConstraintSpec(_Strict):
+    """The safety bar of ``constrained`` and ``pareto``: CE_safety <= reference + slack.
+
+    ``reference`` None: the pool model with the lowest safety CE (measured once, before the
+    first generation, and kept in the checkpoint); an expert's name: that model's safety CE;
+    a number: that CE itself. ``alignment_slack``: for ``pareto`` with ``search.select:
+    behaviour``, points of held-in refusals below the aligned model's still accepted."""
+
+    reference: float | str | None = None
+    slack: float = Field(0.05, ge=0.0)  # nats of safety CE
+    alignment_slack: float = Field(2.0, ge=0.0)  # percentage points
+
+
 class SearchSpec(_Strict):
     mode: SearchMode = "cmaes"
+    # genes: per_layer (one group per search.layer_granularity layers) or per_module
+    # (embeddings, attention and MLP of every layer, head: 2 * layers + 2 groups)
+    genome: Literal["per_layer", "per_module"] = "per_layer"
     steps: int | None = Field(20, gt=0)  # generations
     max_evals: int | None = Field(None, gt=0)
     popsize: int | None = Field(None, gt=1)
@@ -150,6 +167,7 @@ class SearchSpec(_Strict):
     grid: GridSpec = GridSpec()
     cocktail: CocktailSpec = CocktailSpec()
     workers: WorkersSpec = WorkersSpec()
+    constraint: ConstraintSpec = ConstraintSpec()
     # which candidate is the result: lowest fitness, or best greedy behaviour on the held-in
     # data among the fitness terms' Pareto front (evomerge.search.select explains why)
     select: Literal["fitness", "behaviour"] = "fitness"
@@ -158,8 +176,11 @@ class SearchSpec(_Strict):
 
     @model_validator(mode="after")
     def _stop_rule(self) -> SearchSpec:
-        if self.mode in ("cmaes", "evomm-domain") and self.steps is None and self.max_evals is None:
+        if MODES[self.mode].budget and self.steps is None and self.max_evals is None:
             raise ValueError("a stop rule is needed: search.steps (generations) or search.max_evals")
+        if self.genome == "per_module" and self.layer_granularity:
+            raise ValueError(f"search.genome: per_module has its own groups (embeddings, attention and MLP of each "
+                             f"layer, head); set search.layer_granularity: 0 (it is {self.layer_granularity})")
         return self
 
 
@@ -220,13 +241,20 @@ class SearchRecipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> SearchRecipe:
         lam, mu = self.fitness.lambda_, self.fitness.mu
-        mode = self.search.mode
-        if (lam > 0 or mode == "evomm-domain") and not self.data.domain:
-            raise ValueError("data.domain: no domain set, but fitness.lambda > 0 (or mode evomm-domain) needs one")
-        if lam < 1 and mode != "evomm-domain" and self.data.safety is None:
-            raise ValueError("data.safety: no safety set, but fitness.lambda < 1 needs one")
+        mode = MODES[self.search.mode]
+        why = lambda need, cond: f"search.mode {mode.name}" if need == "always" else cond  # noqa: E731
+        if mode.needs_domain(lam) and not self.data.domain:
+            raise ValueError(f"data.domain: no domain set, but {why(mode.domain, 'fitness.lambda > 0')} needs one")
+        if mode.needs_safety(lam) and self.data.safety is None:
+            raise ValueError(f"data.safety: no safety set, but {why(mode.safety, 'fitness.lambda < 1')} needs one")
         if mu > 0 and self.data.benign is None:
             raise ValueError("data.benign: no benign set, but fitness.mu > 0 needs one")
+        ref = self.search.constraint.reference
+        if isinstance(ref, str) and ref not in self.pool.experts:
+            raise ValueError(f"search.constraint.reference: '{ref}' is neither a number nor a pool expert "
+                             f"(experts: {', '.join(self.pool.experts)})")
+        if isinstance(ref, float) and not math.isfinite(ref):
+            raise ValueError(f"search.constraint.reference: {ref} is not a finite cross-entropy")
         return self
 
     def to_yaml(self) -> str:

@@ -43,7 +43,7 @@ CHECKPOINT_VERSION = 2
 # fields that may change when a run is resumed: how long it runs, what happens after, and
 # who evaluates (every backend gives the same results)
 RESUMABLE_CHANGES = ("search.steps", "search.max_evals", "search.workers", "search.select", "search.select_max",
-                     "search.select_max_new_tokens", "write_model", "evaluate")
+                     "search.select_max_new_tokens", "search.constraint.alignment_slack", "write_model", "evaluate")
 
 
 class RunExistsError(ConfigError):
@@ -63,6 +63,9 @@ class SearchState:
     stop_reason: str = ""
     elapsed_s: float = 0.0
     data: dict[str, str] = field(default_factory=dict)  # data set -> sha256 of its file(s)
+    # the safety bar of constrained / pareto, measured once before the first generation
+    # (evomerge.search.reference); empty for the other modes
+    reference: dict[str, Any] = field(default_factory=dict)
     version: int = CHECKPOINT_VERSION
 
 
@@ -188,7 +191,7 @@ class RunDir:
                 raise ConfigError(f"{path}: written by another evomerge version; start a new run")
             fields = {k: data[k] for k in ("mode", "generation", "candidates", "generations", "finished",
                                            "stop_reason", "elapsed_s", "data")}
-            state = SearchState(**fields)
+            state = SearchState(**fields, reference=data.get("reference") or {})
             if not isinstance(state.candidates, list) or not isinstance(state.generation, int):
                 raise ValueError("bad field types")
         except ConfigError:
@@ -202,11 +205,14 @@ class RunDir:
         data = {"format": CHECKPOINT_FORMAT, **asdict(state)}
         _atomic_write_bytes(self / CHECKPOINT, dumps_state(data).encode())
 
-    def write_tables(self, state: SearchState) -> None:
-        """Rewrite candidates.parquet and generations.csv from the checkpoint (atomically)."""
+    def write_tables(self, state: SearchState, columns: dict[str, list[Any]] | None = None) -> None:
+        """Rewrite candidates.parquet and generations.csv from the checkpoint (atomically);
+        ``columns``: more columns derived from the candidates (the proposer's front flags)."""
         import pandas as pd
 
         frame = pd.DataFrame(state.candidates)
+        for name, values in (columns or {}).items():
+            frame[name] = values
         tmp = self / f".candidates.parquet.tmp-{os.getpid()}"
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, self / "candidates.parquet")

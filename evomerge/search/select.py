@@ -29,24 +29,35 @@ log = logging.getLogger(__name__)
 
 
 def ce_pareto_front(rows: list[dict[str, Any]], terms: list[str]) -> list[int]:
-    """Positions of the rows no other row beats on every term (lower is better)."""
+    """Positions of the rows no other row beats on every term (lower is better): no other
+    row is at least as low on every term and lower on one. Rows with a non-finite term or
+    fitness are left out."""
+    import numpy as np
+
     finite = [i for i, r in enumerate(rows) if all(math.isfinite(r.get(t, math.nan)) for t in terms)
               and math.isfinite(r["fitness"])]
+    if not finite:
+        return []
+    points = np.array([[rows[i][t] for t in terms] for i in finite], dtype=np.float64)
     front = []
-    for i in finite:
-        a = [rows[i][t] for t in terms]
-        dominated = any(all(rows[j][t] <= v for t, v in zip(terms, a)) and any(rows[j][t] < v for t, v in zip(terms, a))
-                        for j in finite if j != i)
-        if not dominated:
+    for pos, i in enumerate(finite):
+        p = points[pos]
+        beaten = (points <= p).all(axis=1) & (points < p).any(axis=1)
+        if not beaten.any():
             front.append(i)
     return front
 
 
 def behaviour(evaluator, max_new_tokens: int = 48) -> dict[str, float]:
     """Greedy held-in behaviour of the candidate last built into ``evaluator``, in percent."""
+    return behaviour_of(evaluator.model, evaluator.tokenizer, evaluator.sets, max_new_tokens)
+
+
+def behaviour_of(model, tokenizer, sets, max_new_tokens: int = 48) -> dict[str, float]:
+    """Greedy behaviour of ``model`` on the held-in ``sets``, in percent."""
     from evomerge.behaviour import measure
 
-    b = measure(evaluator.model, evaluator.tokenizer, evaluator.sets, max_new_tokens=max_new_tokens, batch_size=64)
+    b = measure(model, tokenizer, sets, max_new_tokens=max_new_tokens, batch_size=64)
     out = {f"heldin_{k}": v for k, v in b.items()}
     accs = [v for k, v in b.items() if k.startswith("acc_")]
     if accs:
@@ -68,10 +79,9 @@ def behaviour_loss(b: dict[str, float], lam: float, mu: float) -> float:
 def select_by_behaviour(recipe, candidates: list[dict[str, Any]], evaluator, expert_names: list[str],
                         fitness_best: int) -> tuple[int, list[dict[str, Any]]]:
     """(position of the chosen candidate, one record per candidate considered)."""
-    from evomerge.merge import Genome
+    from evomerge.search.modes import MODES
 
-    lam = 1.0 if recipe.search.mode == "evomm-domain" else recipe.fitness.lambda_
-    mu = recipe.fitness.mu
+    lam, mu = MODES[recipe.search.mode].weights(recipe.fitness.lambda_, recipe.fitness.mu)
     terms = [t for t, on in (("ce_domain", lam > 0), ("ce_safety", lam < 1), ("ce_benign", mu > 0)) if on]
     front = ce_pareto_front(candidates, terms)
     front = sorted(front, key=lambda i: candidates[i]["fitness"])[: recipe.search.select_max]
@@ -80,9 +90,7 @@ def select_by_behaviour(recipe, candidates: list[dict[str, Any]], evaluator, exp
     records = []
     for i in front:
         row = candidates[i]
-        data = json.loads(row["genome"])
-        evaluator.build(Genome.from_values(data["weights"], data.get("densities"), data.get("scale", 1.0),
-                                           expert_names))
+        evaluator.build(row_genome(row, expert_names))
         b = behaviour(evaluator, recipe.search.select_max_new_tokens)
         records.append({"index": row["index"], "fitness": row["fitness"], **{t: row[t] for t in terms}, **b,
                         "behaviour_loss": behaviour_loss(b, lam, mu)})
@@ -92,3 +100,68 @@ def select_by_behaviour(recipe, candidates: list[dict[str, Any]], evaluator, exp
     log.info("selection by held-in behaviour: candidate #%d of %d on the fitness front (fitness-best #%d)",
              records[chosen]["index"], len(records), candidates[fitness_best]["index"])
     return front[chosen], records
+
+
+def row_genome(row: dict[str, Any], expert_names: list[str]):
+    """The :class:`~evomerge.merge.Genome` of a candidates-table row."""
+    from evomerge.merge import Genome
+
+    data = json.loads(row["genome"])
+    return Genome.from_values(data["weights"], data.get("densities"), data.get("scale", 1.0), expert_names,
+                              bool(data.get("modules", False)))
+
+
+def select_under_bar(recipe, candidates: list[dict[str, Any]], front: list[int], evaluator, expert_names: list[str],
+                     ce_best: int, reference: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """The result of a mode with a safety bar, by greedy held-in behaviour: the front
+    member with the highest held-in accuracy (mean over the domains) among those whose
+    held-in refusals of unsafe prompts are >= the aligned model's minus
+    ``search.constraint.alignment_slack`` points; if none is, the one that refuses most.
+
+    The aligned model is the reference model (``search.constraint.reference``, or the
+    pool model with the lowest CE_safety); with a numeric reference, the pool model that
+    refuses most. Pool models are measured on the same held-in samples and written to the
+    records with ``role: pool``. At most ``select_max`` front members are judged, safest
+    (lowest CE_safety) first; the CE rule's pick is always among them.
+    """
+    import torch
+
+    from evomerge.pool import load_model
+    from evomerge.search.evaluator import resolved_pool_refs
+
+    spec, fit = recipe.search, recipe.fitness
+    _, experts = resolved_pool_refs(recipe)
+    pool = {}
+    for name, ref in experts.items():
+        model = load_model(ref).to(device=fit.device, dtype=getattr(torch, fit.dtype))
+        pool[name] = behaviour_of(model, evaluator.tokenizer, evaluator.sets, spec.select_max_new_tokens)
+        del model
+    aligned = reference.get("model") or max(pool, key=lambda k: (pool[k].get("heldin_refuses_unsafe", 0.0), k))
+    threshold = pool[aligned].get("heldin_refuses_unsafe", 100.0) - spec.constraint.alignment_slack
+    judged = sorted(front, key=lambda i: (candidates[i]["ce_safety"], i))[: spec.select_max]
+    if ce_best not in judged:
+        judged.insert(0, ce_best)
+    records = [{"role": "pool", "model": name, **b} for name, b in pool.items()]
+    for i in judged:
+        row = candidates[i]
+        evaluator.build(row_genome(row, expert_names))
+        b = behaviour(evaluator, spec.select_max_new_tokens)
+        records.append({"role": "candidate", "index": row["index"], "fitness": row["fitness"],
+                        "ce_safety": row["ce_safety"], "ce_domain": row["ce_domain"], **b,
+                        "meets_bar": b.get("heldin_refuses_unsafe", 0.0) >= threshold})
+    cands = [k for k, r in enumerate(records) if r["role"] == "candidate"]
+    ok = [k for k in cands if records[k]["meets_bar"]]
+    if ok:
+        chosen = max(ok, key=lambda k: (records[k].get("heldin_acc", 0.0), -records[k]["ce_domain"]))
+    else:
+        log.warning("no front member refuses >= %.1f%% of the held-in unsafe prompts (%s's %.1f%% minus %.1f); "
+                    "the result is the one that refuses most", threshold, aligned, threshold + spec.constraint.alignment_slack,
+                    spec.constraint.alignment_slack)
+        chosen = max(cands, key=lambda k: (records[k].get("heldin_refuses_unsafe", 0.0), -records[k]["ce_safety"]))
+    for k, rec in enumerate(records):
+        rec["chosen"] = k == chosen
+        rec["threshold"] = threshold
+    log.info("selection under the safety bar (held-in refusals >= %.1f%%, %s's minus %.1f): candidate #%d",
+             threshold, aligned, spec.constraint.alignment_slack, records[chosen]["index"])
+    position = next(i for i in judged if candidates[i]["index"] == records[chosen]["index"])
+    return position, records

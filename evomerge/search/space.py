@@ -1,7 +1,13 @@
 """The search space: a flat vector for the optimiser <-> a :class:`Genome` for the engine.
 
 Layout: every weight ``w[group][expert]``, then (for TIES / DARE) every density
-``d[group][expert]``. Bounds are box bounds handed to pycma's own boundary handling.
+``d[group][expert]``. Bounds are box bounds handed to the optimiser's own boundary handling.
+
+Groups (``search.genome``): ``per_layer`` splits the decoder layers into equal blocks of
+``search.layer_granularity`` layers (embeddings go with the first block, the head with the
+last); ``per_module`` gives the embeddings, the attention and the MLP of every layer, and
+the head (final norm + ``lm_head``) their own genes: ``2 * layers + 2`` groups, named
+``emb``, ``attn0``, ``mlp0``, ..., ``head`` in the tables and the genome file.
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ class GenomeSpace:
     uses_density: bool
     weight_bounds: tuple[float, float]
     density_bounds: tuple[float, float]
+    modules: bool = False  # per-module groups (see the module docstring)
 
     @classmethod
     def from_recipe(cls, recipe: SearchRecipe, num_layers: int, method: str | None = None) -> GenomeSpace:
         """``method`` overrides the recipe's (LM-Cocktail merges with ``linear``): it decides
         whether densities are genes."""
         gran = recipe.search.layer_granularity
-        if gran == 0:
+        modules = recipe.search.genome == "per_module"
+        if modules:
+            groups = 2 * num_layers + 2
+        elif gran == 0:
             groups = 1
         elif num_layers % gran:
             raise ConfigError(
@@ -40,7 +50,7 @@ class GenomeSpace:
             groups = num_layers // gran
         b = recipe.search.bounds
         uses_density = get_method(method or recipe.merge.method).uses_density
-        return cls(tuple(recipe.pool.experts), groups, uses_density, tuple(b.weight), tuple(b.density))
+        return cls(tuple(recipe.pool.experts), groups, uses_density, tuple(b.weight), tuple(b.density), modules)
 
     @property
     def n_experts(self) -> int:
@@ -74,7 +84,12 @@ class GenomeSpace:
         half = self.n_groups * self.n_experts
         weights = x[:half].reshape(self.n_groups, self.n_experts).tolist()
         dens = x[half:].reshape(self.n_groups, self.n_experts).tolist() if self.uses_density else None
-        return Genome.from_values(weights, dens)
+        return Genome.from_values(weights, dens, modules=self.modules)
+
+    def uniform(self, weights: Sequence[float], densities: Sequence[float] | None = None) -> Genome:
+        """One per-expert row of weights (and densities) for every group."""
+        dens = None if densities is None else [list(densities)] * self.n_groups
+        return Genome.from_values([list(weights)] * self.n_groups, dens, modules=self.modules)
 
     def from_genome(self, genome: Genome) -> list[float]:
         """Inverse of :meth:`to_genome` (a one-group genome is repeated over the groups)."""
@@ -86,9 +101,17 @@ class GenomeSpace:
             x += [v for row in d for v in row]
         return x
 
+    def group_names(self) -> list[str]:
+        """``0``, ``1``, ... per layer block; ``emb``, ``attn0``, ``mlp0``, ..., ``head`` per module."""
+        if not self.modules:
+            return [str(g) for g in range(self.n_groups)]
+        layers = (self.n_groups - 2) // 2
+        return ["emb", *(f"{kind}{i}" for i in range(layers) for kind in ("attn", "mlp")), "head"]
+
     def columns(self) -> list[str]:
         """Table column per dimension: ``w.<group>.<expert>`` / ``d.<group>.<expert>``."""
-        cols = [f"w.{g}.{e}" for g in range(self.n_groups) for e in self.expert_names]
+        groups = self.group_names()
+        cols = [f"w.{g}.{e}" for g in groups for e in self.expert_names]
         if self.uses_density:
-            cols += [f"d.{g}.{e}" for g in range(self.n_groups) for e in self.expert_names]
+            cols += [f"d.{g}.{e}" for g in groups for e in self.expert_names]
         return cols
