@@ -30,3 +30,46 @@ def test_shipped_recipe_is_valid(path):
         recipe = load_search_recipe(path)
         assert recipe.pool.experts and recipe.search.steps
     assert recipe.name == path.stem
+
+
+def test_every_density_method_gets_density_genes():
+    """A method that reads densities must have them in its search genome (della included)."""
+    from evomerge.merge.methods import METHODS
+    from evomerge.search.recipe import DENSITY_METHODS
+
+    assert {m for m, impl in METHODS.items() if impl.uses_density} <= set(DENSITY_METHODS)
+
+
+@pytest.mark.parametrize("method,params,options", [
+    ("della", {"density": 0.5, "epsilon": 0.1}, {"normalize": True, "rescale": True, "epsilon": 0.1}),
+    ("della_linear", {"rescale": False}, {"normalize": False, "rescale": False, "epsilon": 0.15}),
+    ("model_stock", {"filter_wise": True}, {"filter_wise": True}),
+    ("sce", {"select_topk": 0.5, "int8_mask": True}, {"select_topk": 0.5}),
+    ("nuslerp", {"nuslerp_row_wise": True}, {"row_wise": True, "flatten": True, "on_task_vectors": True}),
+    ("multislerp", {}, {"normalize_weights": True, "eps": 1e-8, "on_task_vectors": True}),
+    ("karcher", {"max_iter": 5}, {"max_iter": 5, "tol": 1e-5}),
+])
+def test_mergekit_configs_of_the_other_methods(method, params, options):
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    cfg = {"merge_method": method, "base_model": "b", "parameters": params,
+           "models": [{"model": "x", "parameters": {"weight": 0.6}}, {"model": "y", "parameters": {"weight": 0.4}}]}
+    recipe = from_mergekit(cfg)
+    assert recipe.options == options and recipe.base == "b" and list(recipe.experts.values()) == ["x", "y"]
+    weights = recipe.genome.weights
+    if method in ("model_stock", "karcher"):
+        assert weights == {"x": 0.5, "y": 0.5}  # mergekit ignores the weights: the plain average
+    elif method == "sce":
+        assert weights == {"x": 1.0, "y": 1.0}
+    else:
+        assert weights == {"x": 0.6, "y": 0.4}
+
+
+def test_mergekit_nuslerp_without_base_interpolates_the_models():
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    cfg = {"merge_method": "nuslerp", "models": [{"model": "x", "parameters": {"weight": 0.6}},
+                                                 {"model": "y", "parameters": {"weight": 0.4}}]}
+    recipe = from_mergekit(cfg)
+    assert recipe.base == "x" and list(recipe.experts.values()) == ["x", "y"]
+    assert recipe.options["on_task_vectors"] is False

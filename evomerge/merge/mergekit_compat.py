@@ -22,16 +22,12 @@ from evomerge.merge.recipe import GenomeSpec, MergeRecipe
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
+EXPORTABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
+# read from mergekit configs by _from_more(); not yet written back as mergekit YAML
+MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
+SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
-    "della": "random per-row magnitude-ranked drop probabilities are not implemented yet",
-    "della_linear": "random per-row magnitude-ranked drop probabilities are not implemented yet",
-    "model_stock": "not implemented yet (no free coefficients to search)",
-    "sce": "not implemented yet",
-    "nuslerp": "not implemented yet",
-    "multislerp": "not implemented yet",
-    "karcher": "not implemented yet",
     "passthrough": "not implemented yet (slices that stack layers change the architecture, which an in-place build cannot)",
     "arcee_fusion": "not implemented yet",
     "nearswap": "not implemented yet",
@@ -71,6 +67,8 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
                           f"(supported: {', '.join(SUPPORTED)})")
     if method not in SUPPORTED:
         raise ConfigError(f"{source}: merge_method '{method}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if method in MORE:
+        return _from_more(data, source, method)
     if "gamma" in (data.get("parameters") or {}) and method not in _BREADCRUMBS:
         raise ConfigError(f"{source}: parameters.gamma is not supported for '{method}' (only breadcrumbs has it)")
     if "slices" in data:
@@ -199,6 +197,8 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
     """mergekit YAML reproducing ``recipe`` at ``genome``, or ``None`` and the reason why not."""
     opts = recipe.method_options
     names = list(recipe.experts)
+    if recipe.method in MORE:
+        return None, f"writing '{recipe.method}' back as a mergekit config is not implemented yet"
     if recipe.method not in SUPPORTED:
         return None, f"mergekit has no '{recipe.method}' method"
     if recipe.method == "ties" and opts.variant != "mergekit":  # type: ignore[attr-defined]
@@ -249,3 +249,140 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
     text = yaml.safe_dump(cfg, sort_keys=False)
     header = "# Reproduce with: mergekit-yaml mergekit_config.yml OUTPUT_DIR\n" + "".join(f"# note: {c}\n" for c in comments)
     return header + text, ""
+
+
+# --------------------------------------------------------------------------- the other methods
+# per method: shared parameters (mergekit name -> (evomerge option, default)), per-model
+# parameters, whether mergekit requires a base_model, and whether it uses the models' weights
+_MORE_SPEC: dict[str, dict[str, Any]] = {
+    "della": {"shared": {"normalize": ("normalize", True), "rescale": ("rescale", True), "int8_mask": (None, False)},
+              "per_model": {"weight", "density", "epsilon"}, "base": True, "weights": True},
+    "della_linear": {"shared": {"normalize": ("normalize", False), "rescale": ("rescale", True), "int8_mask": (None, False)},
+                     "per_model": {"weight", "density", "epsilon"}, "base": True, "weights": True},
+    "model_stock": {"shared": {"filter_wise": ("filter_wise", False)}, "per_model": {"weight"}, "base": True, "weights": False},
+    "sce": {"shared": {"select_topk": ("select_topk", 1.0), "int8_mask": (None, False)}, "per_model": {"weight"}, "base": True, "weights": False},
+    "nuslerp": {"shared": {"nuslerp_row_wise": ("row_wise", False), "nuslerp_flatten": ("flatten", True)},
+                "per_model": {"weight"}, "base": False, "weights": True},
+    "multislerp": {"shared": {"normalize_weights": ("normalize_weights", True), "eps": ("eps", 1e-8)},
+                   "per_model": {"weight"}, "base": False, "weights": True},
+    "karcher": {"shared": {"max_iter": ("max_iter", 10), "tol": ("tol", 1e-5)}, "per_model": {"weight"}, "base": False, "weights": False},
+}
+
+
+def _common_checks(data: dict[str, Any], source: str) -> None:
+    if "slices" in data:
+        raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
+    ts = data.get("tokenizer_source")
+    if ts not in (None, "base"):
+        raise ConfigError(f"{source}: tokenizer_source '{ts}' is not supported (the base's tokenizer is copied)")
+    _check_tokenizer(data, source)
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in _DTYPES:
+            raise ConfigError(f"{source}: {key} '{data[key]}' is not supported (float32, bfloat16, float16)")
+
+
+def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
+    """della, della_linear, model_stock, sce, nuslerp, multislerp, karcher (mergekit 0.1.5)."""
+    spec = _MORE_SPEC[method]
+    _common_checks(data, source)
+    params = dict(data.get("parameters") or {})
+    shared_keys = set(spec["shared"]) | ({"lambda"} if method in ("della", "della_linear") else set())
+    bad = sorted(set(params) - shared_keys - spec["per_model"])
+    if bad:
+        raise ConfigError(f"{source}: parameters.{bad[0]} is not supported for '{method}'")
+    models = data.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source}: 'models' must be a non-empty list")
+    base = data.get("base_model")
+    if isinstance(base, dict):
+        base = base.get("model")
+    if base is None and spec["base"]:
+        raise ConfigError(f"{source}: merge_method '{method}' needs base_model")
+    refs, per = [], []
+    for i, entry in enumerate(models):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{source}: models[{i}] needs a 'model' field")
+        ref = entry["model"]
+        ref = ref.get("model") if isinstance(ref, dict) else str(ref)
+        p = dict(entry.get("parameters") or {})
+        extra = sorted(set(p) - spec["per_model"])
+        if extra:
+            raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported for '{method}'")
+        if ref == base:
+            continue  # the base is an input of its own (karcher includes it in the mean)
+        refs.append(ref)
+        per.append((i, p))
+    no_base = base is None
+    if no_base and method == "karcher":
+        base, refs, per = refs[0], refs[1:], per[1:]
+    elif no_base:
+        base = refs[0]  # nuslerp / multislerp on the models themselves: the first one is the reference, tau = 0
+    if not refs:
+        raise ConfigError(f"{source}: no models besides the base_model")
+    if method == "nuslerp" and len(refs) != 2:
+        raise ConfigError(f"{source}: nuslerp needs exactly two models besides the base_model, got {len(refs)}")
+    if method == "model_stock" and len(refs) < 2:
+        raise ConfigError(f"{source}: model_stock needs base_model plus at least two other models, got {len(refs)}")
+
+    taken: set[str] = set()
+    experts: dict[str, str] = {}
+    weights: dict[str, float] = {}
+    densities: dict[str, float] = {}
+    eps_values: dict[str, float] = {}
+    for ref, (i, p) in zip(refs, per):
+        name = _name_for(ref, taken)
+        experts[name] = ref
+        if not spec["weights"]:
+            continue
+        w = p.get("weight", params.get("weight"))
+        if w is None:
+            raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one for {method})")
+        weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        if method in ("della", "della_linear"):
+            d = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+            e = _scalar(p.get("epsilon", params.get("epsilon", 0.15)), f"{source}: models[{i}].parameters.epsilon")
+            if not 0.0 <= d <= 1.0:
+                raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {d:g} must lie in [0, 1]")
+            if 0 < d < 1 and not (0 < d - e and d + e < 1):
+                raise ConfigError(f"{source}: models[{i}] ({ref}): density {d:g} +/- epsilon {e:g} must lie in (0, 1) "
+                                  "(mergekit refuses it too)")
+            densities[name], eps_values[name] = d, e
+    if not spec["weights"]:
+        ignored = [i for i, p in per if "weight" in p] or (["parameters"] if "weight" in params else [])
+        if ignored:
+            log.warning("%s: the models' weights are ignored: mergekit's %s takes none", source, method)
+        default = 1.0 if method == "sce" else 1.0 / len(experts)
+        weights = {n: default for n in experts}
+    options: dict[str, Any] = {}
+    for mk_key, (ours, default) in spec["shared"].items():
+        value = params.get(mk_key, default)
+        if ours is None:
+            continue  # int8_mask: a storage choice of mergekit's, no effect on the values
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: parameters.{mk_key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            value = int(_scalar(value, f"{source}: parameters.{mk_key}"))
+        else:
+            value = _scalar(value, f"{source}: parameters.{mk_key}")
+        options[ours] = value
+    if method in ("della", "della_linear"):
+        if len(set(eps_values.values())) > 1:
+            raise ConfigError(f"{source}: per-model epsilon values differ ({eps_values}); evomerge's della takes one "
+                              "epsilon for all models (a static option, not a searched gene)")
+        options["epsilon"] = next(iter(eps_values.values()), 0.15)
+    if method in ("nuslerp", "multislerp"):
+        options["on_task_vectors"] = not no_base  # without a base_model mergekit interpolates the models
+    scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
+    compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
+    out = data.get("out_dtype") or data.get("dtype")
+    genome = GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+    return MergeRecipe(
+        base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
+        compute_dtype=None if compute == "float32" else compute, genome=genome,
+    )

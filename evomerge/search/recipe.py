@@ -28,7 +28,7 @@ from evomerge.merge.methods import get_method, parse_options
 from evomerge.merge.recipe import load_yaml, validate_mapping
 
 SearchMode = Literal["cmaes", "grid", "evomm-domain", "lm-cocktail"]
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")  # genomes carry densities
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")  # genomes carry densities
 
 
 class _Strict(BaseModel):
