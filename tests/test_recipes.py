@@ -73,3 +73,26 @@ def test_mergekit_nuslerp_without_base_interpolates_the_models():
     recipe = from_mergekit(cfg)
     assert recipe.base == "x" and list(recipe.experts.values()) == ["x", "y"]
     assert recipe.options["on_task_vectors"] is False
+
+
+def test_mergekit_gradient_lists_become_a_per_module_genome(micro_pool):
+    import json
+
+    from evomerge.errors import ConfigError
+    from evomerge.merge.mergekit_compat import from_mergekit, gradient_value
+
+    n = json.loads((micro_pool["base"] / "config.json").read_text())["num_hidden_layers"]
+    cfg = {"merge_method": "ties", "base_model": str(micro_pool["base"]),
+           "models": [{"model": str(micro_pool["expert_a"]), "parameters": {"weight": [0, 0.5, 1], "density": 0.5}},
+                      {"model": str(micro_pool["expert_b"]), "parameters": {"weight": 0.4, "density": [1, 0.2]}}]}
+    g = from_mergekit(cfg).genome
+    assert g.modules is True
+    ts = [i / (n - 1) for i in range(n)]
+    # embeddings and head at t = 0, both blocks of layer i at t = i / (n - 1)
+    assert g.weights["expert_a"] == [0.0] + [gradient_value((0, 0.5, 1), t) for t in ts for _ in (0, 1)] + [0.0]
+    assert g.weights["expert_b"] == [0.4] * (2 * n + 2)
+    assert g.densities["expert_b"][1] == 1.0 and g.densities["expert_b"][-2] == pytest.approx(0.2)
+    assert gradient_value((0, 0.5, 1), 0.75) == 0.75 and gradient_value((0, 1, 0), 0.25) == 0.5
+    cfg["models"][0]["parameters"]["weight"] = [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}]
+    with pytest.raises(ConfigError, match="'filter:' values are not supported"):
+        from_mergekit(cfg)

@@ -46,8 +46,72 @@ def is_mergekit_config(data: Any) -> bool:
 
 def _scalar(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: only scalar values are supported (got {value!r}); gradients and filters are not")
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{where}: 'filter:' values are not supported: evomerge's per-module genome groups each "
+                              "layer's norms with its attention / MLP block, where mergekit gives them the catch-all value")
+        raise ConfigError(f"{where}: only scalar values are supported here (got {value!r})")
     return float(value)
+
+
+def _setting(value: Any, where: str) -> float | tuple[float, ...]:
+    """A scalar, or a gradient list of numbers (interpolated across the layers, as mergekit)."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return tuple(float(v) for v in value)
+    return _scalar(value, where)
+
+
+def gradient_value(values: tuple[float, ...], t: float) -> float:
+    """mergekit's gradient at ``t`` in [0, 1]: piecewise-linear between equally spaced anchors."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def _layer_count(base: str, source: str) -> int:
+    cfg = Path(base) / "config.json"
+    try:
+        import json
+
+        n = json.loads(cfg.read_text()).get("num_hidden_layers")
+    except (OSError, ValueError):
+        n = None
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{source}: gradient lists need the base model's layer count (num_hidden_layers in a local "
+                          f"base_model folder's config.json; {cfg} has none)")
+    return n
+
+
+def _expand_gradients(values: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Per-module genome rows [embeddings, attn 0, mlp 0, ..., head] for every value.
+
+    mergekit evaluates a gradient at ``t = i / (L - 1)`` for layer ``i`` (``t = 1`` for a
+    single layer) and at ``t = 0`` for the embeddings and for the final norm and lm_head.
+    """
+    ts = [i / (n_layers - 1) if n_layers > 1 else 1.0 for i in range(n_layers)]
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        g = v if isinstance(v, tuple) else (v,)
+        rows = [gradient_value(g, 0.0)]
+        for t in ts:
+            rows += [gradient_value(g, t)] * 2
+        out[name] = rows + [gradient_value(g, 0.0)]
+    return out
+
+
+def _genome(weights: dict[str, Any], densities: dict[str, Any], scale: float, base: str, source: str) -> GenomeSpec:
+    if any(isinstance(v, tuple) for v in [*weights.values(), *densities.values()]):
+        n = _layer_count(base, source)
+        return GenomeSpec(weights=_expand_gradients(weights, n), densities=_expand_gradients(densities, n) if densities else None,
+                          scale=scale, modules=True)
+    return GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+
+
+def _check_density(d: float | tuple[float, ...], where: str) -> None:
+    for v in d if isinstance(d, tuple) else (d,):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{where} = {v:g} must lie in [0, 1] (the kept fraction of the task vector)")
 
 
 def _name_for(ref: str, taken: set[str]) -> str:
@@ -118,13 +182,11 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         w = p.get("weight", params.get("weight"))
         if w is None:
             raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
-        weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        weights[name] = _setting(w, f"{source}: models[{i}].parameters.weight")
         if method in _BREADCRUMBS:
             gammas[name] = _scalar(p.get("gamma", params.get("gamma", 0.01)), f"{source}: models[{i}].parameters.gamma")
-        densities[name] = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
-        if not 0.0 <= densities[name] <= 1.0:
-            raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {densities[name]:g} must lie in "
-                              "[0, 1] (the kept fraction of the task vector)")
+        densities[name] = _setting(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+        _check_density(densities[name], f"{source}: models[{i}].parameters.density ({ref})")
     if base is None:  # linear without base: any input can be the reference; it gets tau = 0
         base = next(iter(experts.values()))
     if not experts:
@@ -159,7 +221,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
             raise ConfigError(f"{source}: slerp needs base_model plus exactly one other model, got {len(experts)}")
         if "t" not in params:
             raise ConfigError(f"{source}: slerp needs parameters.t")
-        weights = {next(iter(experts)): _scalar(params["t"], f"{source}: parameters.t")}
+        weights = {next(iter(experts)): _setting(params["t"], f"{source}: parameters.t")}
         densities = {}
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in _DTYPES:
@@ -169,7 +231,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     # computes in float32 (see docs/merging.md for the measured difference)
     compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
     out = data.get("out_dtype") or data.get("dtype")
-    genome = GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+    genome = _genome(weights, densities, scale, str(base), source)
     return MergeRecipe(
         base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
         compute_dtype=None if compute == "float32" else compute, genome=genome,
@@ -342,15 +404,15 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
         w = p.get("weight", params.get("weight"))
         if w is None:
             raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one for {method})")
-        weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        weights[name] = _setting(w, f"{source}: models[{i}].parameters.weight")
         if method in ("della", "della_linear"):
-            d = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+            d = _setting(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
             e = _scalar(p.get("epsilon", params.get("epsilon", 0.15)), f"{source}: models[{i}].parameters.epsilon")
-            if not 0.0 <= d <= 1.0:
-                raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {d:g} must lie in [0, 1]")
-            if 0 < d < 1 and not (0 < d - e and d + e < 1):
-                raise ConfigError(f"{source}: models[{i}] ({ref}): density {d:g} +/- epsilon {e:g} must lie in (0, 1) "
-                                  "(mergekit refuses it too)")
+            _check_density(d, f"{source}: models[{i}].parameters.density ({ref})")
+            for dv in d if isinstance(d, tuple) else (d,):
+                if 0 < dv < 1 and not (0 < dv - e and dv + e < 1):
+                    raise ConfigError(f"{source}: models[{i}] ({ref}): density {dv:g} +/- epsilon {e:g} must lie in "
+                                      "(0, 1) (mergekit refuses it too)")
             densities[name], eps_values[name] = d, e
     if not spec["weights"]:
         ignored = [i for i, p in per if "weight" in p] or (["parameters"] if "weight" in params else [])
@@ -381,7 +443,7 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
     scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
     compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
     out = data.get("out_dtype") or data.get("dtype")
-    genome = GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+    genome = _genome(weights, densities, scale, str(base), source)
     return MergeRecipe(
         base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
         compute_dtype=None if compute == "float32" else compute, genome=genome,
