@@ -28,11 +28,12 @@ MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", 
 SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
-    "passthrough": "not implemented yet (slices that stack layers change the architecture, which an in-place build cannot)",
-    "arcee_fusion": "not implemented yet",
-    "nearswap": "not implemented yet",
-    "ram": "not implemented yet",
-    "ramplus_tl": "not implemented yet",
+    "passthrough": "slices that stack or drop layers change the architecture, which an in-place build into a live "
+                   "model cannot do, and a one-model copy (with scale filters) has nothing to merge or search",
+    "arcee_fusion": "not implemented yet (importance-masked fusion of two models)",
+    "nearswap": "not implemented yet (similarity-thresholded interpolation of two models)",
+    "ram": "not implemented yet (reinforced agent merging)",
+    "ramplus_tl": "not implemented yet (reinforced agent merging with overlap rescaling)",
 }
 _GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density", "gamma"}
 _BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
@@ -136,7 +137,9 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     if "gamma" in (data.get("parameters") or {}) and method not in _BREADCRUMBS:
         raise ConfigError(f"{source}: parameters.gamma is not supported for '{method}' (only breadcrumbs has it)")
     if "slices" in data:
-        raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
+        raise ConfigError(f"{source}: 'slices' configs are not supported: layer ranges that stack or drop layers change "
+                          "the architecture, which an in-place build cannot do; use the 'models:' form (gradient lists "
+                          "give per-layer values)")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
@@ -333,7 +336,9 @@ _MORE_SPEC: dict[str, dict[str, Any]] = {
 
 def _common_checks(data: dict[str, Any], source: str) -> None:
     if "slices" in data:
-        raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
+        raise ConfigError(f"{source}: 'slices' configs are not supported: layer ranges that stack or drop layers change "
+                          "the architecture, which an in-place build cannot do; use the 'models:' form (gradient lists "
+                          "give per-layer values)")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
@@ -357,7 +362,7 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
         raise ConfigError(f"{source}: parameters.{bad[0]} is not supported for '{method}'")
     models = data.get("models") or []
     if not isinstance(models, list) or not models:
-        raise ConfigError(f"{source}: 'models' must be a non-empty list")
+        raise ConfigError(f"{source}: merge_method '{method}': 'models' must be a non-empty list")
     base = data.get("base_model")
     if isinstance(base, dict):
         base = base.get("model")
