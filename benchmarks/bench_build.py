@@ -27,7 +27,17 @@ METHODS = {
     "tsvm": {"storage": "dense"},
     "tsvm (factored)": {"storage": "factored"},
     "r_tsvm": {"storage": "dense"},
+    "della": {},
+    "della_linear": {},
+    "model_stock": {},
+    "model_stock (filter_wise)": {"filter_wise": True},
+    "sce": {"select_topk": 0.5},
+    "nuslerp": {},
+    "nuslerp (rows)": {"flatten": False},
+    "multislerp": {},
+    "karcher": {},
 }
+EXPERTS = {"slerp": 1, "nuslerp": 2}  # methods that take a fixed number of experts
 
 
 def main() -> None:
@@ -52,7 +62,7 @@ def main() -> None:
     rng = random.Random(0)
     for label in args.methods:
         method = label.split(" ")[0]
-        t = 1 if method == "slerp" else args.experts
+        t = EXPERTS.get(method, args.experts)
         base, experts = random_states(shapes, t)
         pool = StatePool(base, experts, num_layers=args.layers)
         cache = prepare(pool, method, METHODS[label])

@@ -362,3 +362,93 @@ def test_dare_l1_rescale_preserves_l1_on_large_tensors():
     out = build(prepare(pool, "dare_linear", {"rescale": "l1"}), Genome.from_values([1.0], [0.66]))["w"]
     before, after = tau.abs().sum(dtype=torch.float64), out.abs().sum(dtype=torch.float64)
     assert float(after / before) == pytest.approx(1.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- mergekit's other methods
+S2 = math.sqrt(2.0)
+
+
+def test_model_stock_vectors():
+    # cos(tau1, tau2) = 1/sqrt(2): t = 2c / (1 + c) = 2 (sqrt(2) - 1); merge = t * mean(tau)
+    t = 2 * (S2 - 1)
+    close(_merge(_pool([2, 0], [1, 1]), "model_stock", {}, (0.5, 0.5)), [1.5 * t, 0.5 * t])
+    close(_merge(_pool([1, 1], [-1, 1]), "model_stock", {}, (0.5, 0.5)), [0, 0])  # orthogonal: the base
+    # filter_wise: row 0 as above, row 1 orthogonal -> 0
+    got = _merge(_pool([[2, 0], [1, 1]], [[1, 1], [-1, 1]]), "model_stock", {"filter_wise": True}, (0.5, 0.5))
+    close(got, [[1.5 * t, 0.5 * t], [0, 0]])
+
+
+@pytest.mark.parametrize("weights,t", [((1, 1), 0.5), ((1, 3), 0.75), ((-0.5, 0.5), 0.5)])
+def test_nuslerp_vectors(weights, t):
+    # orthogonal unit task vectors: theta = pi/2, slerp = sin((1-t) pi/2) tau0 + sin(t pi/2) tau1
+    got = _merge(_pool([1, 0], [0, 1]), "nuslerp", {}, weights)
+    close(got, [math.sin((1 - t) * math.pi / 2), math.sin(t * math.pi / 2)])
+
+
+def test_nuslerp_row_and_column_wise():
+    tau0, tau1 = [[1, 0], [0, 2]], [[0, 1], [0, 2]]
+    # rows: row 0 orthogonal (slerp at t = 0.5), row 1 colinear (lerp)
+    h = math.sin(math.pi / 4)
+    close(_merge(_pool(tau0, tau1), "nuslerp", {"flatten": False}, (1, 1)), [[h, h], [0, 2]])
+    # columns: column 0 = (1, 0) vs (0, 0): zero vector, angle pi/2; column 1 = (0, 2) vs (1, 2)
+    c1 = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0])
+    th = math.acos(float(c1[0] @ c1[1]) / (2 * math.sqrt(5)))
+    col1 = (math.sin(th / 2) * (c1[0] + c1[1]) / math.sin(th)).tolist()
+    got = _merge(_pool(tau0, tau1), "nuslerp", {"flatten": False, "row_wise": True}, (1, 1))
+    close(got, [[h * 1, col1[0]], [0, col1[1]]])
+
+
+def test_multislerp_vector():
+    # unit vectors (1,0), (0,1), equal weights: the normalised mean (1,1)/sqrt(2), times the mean norm 3
+    got = _merge(_pool([2, 0], [0, 4]), "multislerp", {}, (0.5, 0.5))
+    close(got, [3 / S2, 3 / S2])
+    got = _merge(_pool([2, 0], [0, 4]), "multislerp", {}, (1, 1))  # normalize_weights: the same
+    close(got, [3 / S2, 3 / S2])
+
+
+def test_karcher_vector():
+    # inputs base = 0 (norm 0: no direction), (2,0), (0,4) with weights 1/3: the direction is the
+    # spherical midpoint (1,1)/sqrt(2), the scale (0 + 2 + 4) / 3 = 2
+    close(_merge(_pool([2, 0], [0, 4]), "karcher", {}, (0.5, 0.5)), [S2, S2])
+    # the mean of equal-norm inputs at 0 and 90 degrees and the base direction
+    pool = StatePool({"w": torch.tensor([1.0, 0.0])}, {"a": {"w": torch.tensor([0.0, 1.0])}})
+    close(build(prepare(pool, "karcher"), Genome.from_values([1.0]))["w"], [1 / S2, 1 / S2])
+
+
+@pytest.mark.parametrize("topk,expected", [(1.0, [39 / 19, 2, -2]), (0.5, [0, 2, 0])])
+def test_sce_vectors(topk, expected):
+    # tau1 = (3, -1, 0), tau2 = (1, 2, -2): elected signs (+, +, -); weights mean squares 10/3 : 3;
+    # select_topk 0.5 keeps the int(3 * 0.5) = 1 highest-variance entry (index 1)
+    close(_merge(_pool([3, -1, 0], [1, 2, -2]), "sce", {"select_topk": topk}, (1, 1)), expected)
+
+
+def test_della_rank_fraction_and_keep_probabilities():
+    close(K.della_rank_fraction(torch.tensor([[3.0, -1.0, 2.0], [0.5, 0.1, -4.0]])), [1, 0, 0.5, 0.5, 0, 1])
+    close(K.della_rank_fraction(torch.tensor([7.0])), [0.5])
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(64, 4096, generator=g)
+    pool = StatePool({"w": torch.zeros_like(tau)}, {"e": {"w": tau}})
+    cache = prepare(pool, "della_linear", {"epsilon": 0.2, "rescale": False})
+    out = build(cache, Genome.from_values([1.0], [0.5]))["w"]
+    kept = out != 0
+    r = K.della_rank_fraction(tau).view_as(tau)
+    assert abs(float(kept.float().mean()) - 0.5) < 0.005
+    # keep probability d - eps + 2 eps r: 0.5 - 0.2 + 0.4 * r, i.e. about 0.32 / 0.68 in the bottom / top tenth
+    assert abs(float(kept[r < 0.1].float().mean()) - 0.32) < 0.01
+    assert abs(float(kept[r > 0.9].float().mean()) - 0.68) < 0.01
+    torch.testing.assert_close(out[kept], tau[kept])
+    # rescale: the pruned delta keeps its L1 norm; density 1 keeps everything
+    resc = build(prepare(pool, "della_linear", {"epsilon": 0.2}), Genome.from_values([1.0], [0.5]))["w"]
+    assert float(resc.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+    torch.testing.assert_close(build(cache, Genome.from_values([1.0], [1.0]))["w"], tau)
+
+
+def test_della_masks_repeat_and_nest():
+    g = torch.Generator().manual_seed(1)
+    tau = torch.randn(8, 256, generator=g)
+    pool = StatePool({"w": torch.zeros_like(tau)}, {"e": {"w": tau}})
+    cache = prepare(pool, "della", {"rescale": False, "epsilon": 0.1})
+    lo = build(cache, Genome.from_values([1.0], [0.3]))["w"] != 0
+    hi = build(cache, Genome.from_values([1.0], [0.6]))["w"] != 0
+    again = build(prepare(pool, "della", {"rescale": False, "epsilon": 0.1}), Genome.from_values([1.0], [0.3]))["w"] != 0
+    assert torch.equal(lo, again) and bool((hi | ~lo).all())  # same mask on every prepare; lower density nests

@@ -125,3 +125,73 @@ def test_bfloat16_compute_dtype_is_close_to_mergekit(micro_pool, tmp_path, metho
         if method != "ties":
             assert float((a - b).abs().max()) <= 2 ** -5 * float(b.abs().max()), name
         assert float((a - b).abs().mean()) <= 2 ** -8 * float(b.abs().max()), name
+
+
+def _two_model_cfg(micro_pool, method, base="base", params=None, weights=(0.6, 0.4), models=("expert_a", "expert_b")):
+    """mergekit's tests/test_basic_merges.py ``two_model_config`` (weights 0.6 / 0.4), in float32."""
+    cfg = {
+        "merge_method": method,
+        "models": [{"model": str(micro_pool[m]), "parameters": {"weight": w}} for m, w in zip(models, weights)],
+        "parameters": params or {},
+        "dtype": "float32",
+    }
+    if base is not None:
+        cfg["base_model"] = str(micro_pool[base])
+    return cfg
+
+
+# mergekit's own test configurations for the methods beyond TIES/DARE (tests/test_basic_merges.py)
+MORE_CASES = {
+    "sce": dict(params={"select_topk": 0.5}),
+    "sce_all": dict(params={}),
+    "multislerp": dict(params={}),
+    "multislerp_no_base": dict(base=None, params={}),
+    "model_stock": dict(params={}),
+    "model_stock_filter_wise": dict(params={"filter_wise": True}),
+    "karcher": dict(params={"max_iter": 5, "tol": 1e-5}),
+    "karcher_no_base": dict(base=None, params={}),
+    **{
+        f"nuslerp_{'base' if b else 'nobase'}_{'rows' if r else 'cols'}_{'flat' if f else 'nf'}": dict(
+            base="base" if b else None, params={"nuslerp_row_wise": r, "nuslerp_flatten": f})
+        for b in (True, False) for r in (False, True) for f in (False, True)
+    },
+    "nuslerp_weights_sum_to_zero": dict(params={"nuslerp_row_wise": False, "nuslerp_flatten": False}, weights=(-0.5, 0.5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CASES))
+def test_more_methods_equal_mergekit(micro_pool, tmp_path, case):
+    method = case.split("_no_base")[0].split("_filter")[0].split("_all")[0]
+    method = "nuslerp" if method.startswith("nuslerp") else method
+    cfg = _two_model_cfg(micro_pool, method, **MORE_CASES[case])
+    ours, theirs = _merge_both(tmp_path, cfg)
+    assert set(ours) == set(theirs)
+    worst = max(float((ours[n].float() - theirs[n].float()).abs().max()) for n in theirs)
+    print(f"{case}: max abs diff {worst:.2e}")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-6, rtol=1e-5, msg=lambda m: f"{case} {name}: {m}")
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_matches_mergekit_in_distribution(micro_pool, tmp_path, method):
+    """mergekit's test_della_merge configuration (density 0.66, epsilon 0.05, lambda 0.5): the
+    masks are random, so the kept fraction per tensor and the mean |delta| must agree."""
+    cfg = _two_model_cfg(micro_pool, method, params={"density": 0.66, "epsilon": 0.05, "lambda": 0.5})
+    ours, theirs = _merge_both(tmp_path, cfg)
+    assert set(ours) == set(theirs)
+    base = load_file(micro_pool["base"] / "model.safetensors")
+    d_ours = torch.cat([(ours[k] - base[k]).reshape(-1) for k in base])
+    d_mk = torch.cat([(theirs[k] - base[k]).reshape(-1) for k in base])
+    print(f"{method}: nonzero {float((d_ours != 0).float().mean()):.4f} vs {float((d_mk != 0).float().mean()):.4f}, "
+          f"mean |delta| {float(d_ours.abs().mean()):.5f} vs {float(d_mk.abs().mean()):.5f}")
+    assert abs(float((d_ours != 0).float().mean()) - float((d_mk != 0).float().mean())) < 0.02
+    assert float(d_ours.abs().mean()) == pytest.approx(float(d_mk.abs().mean()), rel=0.05)
+
+
+def test_della_refuses_what_mergekit_refuses(micro_pool, tmp_path):
+    """mergekit's test_della_invalid_epsilon: density 0.66 +/- epsilon 1.35 leaves (0, 1)."""
+    from evomerge.errors import ConfigError
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    with pytest.raises(ConfigError, match="epsilon"):
+        from_mergekit(_two_model_cfg(micro_pool, "della", params={"density": 0.66, "epsilon": 1.35, "lambda": 0.5}))

@@ -30,3 +30,72 @@ def test_shipped_recipe_is_valid(path):
         recipe = load_search_recipe(path)
         assert recipe.pool.experts and recipe.search.steps
     assert recipe.name == path.stem
+
+
+def test_every_density_method_gets_density_genes():
+    """A method that reads densities must have them in its search genome (della included)."""
+    from evomerge.merge.methods import get_method
+
+    # the search genome reads uses_density from the method itself (evomerge/search/space.py)
+    for name in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+        assert get_method(name).uses_density, name
+    for name in ("linear", "task_arithmetic", "model_stock", "karcher"):
+        assert not get_method(name).uses_density, name
+
+
+@pytest.mark.parametrize("method,params,options", [
+    ("della", {"density": 0.5, "epsilon": 0.1}, {"normalize": True, "rescale": True, "epsilon": 0.1}),
+    ("della_linear", {"rescale": False}, {"normalize": False, "rescale": False, "epsilon": 0.15}),
+    ("model_stock", {"filter_wise": True}, {"filter_wise": True}),
+    ("sce", {"select_topk": 0.5, "int8_mask": True}, {"select_topk": 0.5}),
+    ("nuslerp", {"nuslerp_row_wise": True}, {"row_wise": True, "flatten": True, "on_task_vectors": True}),
+    ("multislerp", {}, {"normalize_weights": True, "eps": 1e-8, "on_task_vectors": True}),
+    ("karcher", {"max_iter": 5}, {"max_iter": 5, "tol": 1e-5}),
+])
+def test_mergekit_configs_of_the_other_methods(method, params, options):
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    cfg = {"merge_method": method, "base_model": "b", "parameters": params,
+           "models": [{"model": "x", "parameters": {"weight": 0.6}}, {"model": "y", "parameters": {"weight": 0.4}}]}
+    recipe = from_mergekit(cfg)
+    assert recipe.options == options and recipe.base == "b" and list(recipe.experts.values()) == ["x", "y"]
+    weights = recipe.genome.weights
+    if method in ("model_stock", "karcher"):
+        assert weights == {"x": 0.5, "y": 0.5}  # mergekit ignores the weights: the plain average
+    elif method == "sce":
+        assert weights == {"x": 1.0, "y": 1.0}
+    else:
+        assert weights == {"x": 0.6, "y": 0.4}
+
+
+def test_mergekit_nuslerp_without_base_interpolates_the_models():
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    cfg = {"merge_method": "nuslerp", "models": [{"model": "x", "parameters": {"weight": 0.6}},
+                                                 {"model": "y", "parameters": {"weight": 0.4}}]}
+    recipe = from_mergekit(cfg)
+    assert recipe.base == "x" and list(recipe.experts.values()) == ["x", "y"]
+    assert recipe.options["on_task_vectors"] is False
+
+
+def test_mergekit_gradient_lists_become_a_per_module_genome(micro_pool):
+    import json
+
+    from evomerge.errors import ConfigError
+    from evomerge.merge.mergekit_compat import from_mergekit, gradient_value
+
+    n = json.loads((micro_pool["base"] / "config.json").read_text())["num_hidden_layers"]
+    cfg = {"merge_method": "ties", "base_model": str(micro_pool["base"]),
+           "models": [{"model": str(micro_pool["expert_a"]), "parameters": {"weight": [0, 0.5, 1], "density": 0.5}},
+                      {"model": str(micro_pool["expert_b"]), "parameters": {"weight": 0.4, "density": [1, 0.2]}}]}
+    g = from_mergekit(cfg).genome
+    assert g.modules is True
+    ts = [i / (n - 1) for i in range(n)]
+    # embeddings and head at t = 0, both blocks of layer i at t = i / (n - 1)
+    assert g.weights["expert_a"] == [0.0] + [gradient_value((0, 0.5, 1), t) for t in ts for _ in (0, 1)] + [0.0]
+    assert g.weights["expert_b"] == [0.4] * (2 * n + 2)
+    assert g.densities["expert_b"][1] == 1.0 and g.densities["expert_b"][-2] == pytest.approx(0.2)
+    assert gradient_value((0, 0.5, 1), 0.75) == 0.75 and gradient_value((0, 1, 0), 0.25) == 0.5
+    cfg["models"][0]["parameters"]["weight"] = [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}]
+    with pytest.raises(ConfigError, match="'filter:' values are not supported"):
+        from_mergekit(cfg)

@@ -196,6 +196,9 @@ def scratch_elements(method: str, options: MethodOptions, n_experts: int) -> tup
     One output buffer (a bf16 model is written through it); TIES's original variant and
     its exact-density tie path keep (T, n) masks; factored TSVM a widened factor.
     """
+    impl = get_method(method)
+    if hasattr(impl, "scratch"):  # methods that declare their own scratch
+        return impl.scratch(options, n_experts)
     if method == "ties" and getattr(options, "variant", "") == "original":
         return 3 * n_experts + 3, "4*(3T+3)*max_numel"
     if method == "ties" and getattr(options, "density_grid", 0) is None:
@@ -454,7 +457,7 @@ def _casts_in_kernel(cache: MergeCache) -> bool:
     and rounds once on store, so a bf16/fp16 model can be written without the fp32
     scratch copy (half the bytes moved per build). True for low-precision caches except
     TIES 'original' and factored TSVM, which write with BLAS/out= ops."""
-    if cache.cache_dtype == torch.float32:
+    if cache.cache_dtype == torch.float32 or getattr(cache.impl, "fp32_dst_only", False):
         return False
     opts = cache.options
     if cache.method == "ties" and getattr(opts, "variant", "") == "original":

@@ -378,3 +378,66 @@ def sparsity_rank(taus: list[torch.Tensor], cfg: RtsvmSettings) -> int:
     else:
         s = sum(float(z.float().mean()) for z in zero) / t
     return max(1, min(k0, math.floor(k0 * (1 - cfg.beta * (1 - s)))))
+
+
+# --------------------------------------------------------------------------- DELLA / Karcher
+def della_rank_fraction(tau: torch.Tensor) -> torch.Tensor:
+    """Per-row magnitude rank of each entry, scaled to ``[0, 1]`` (0 = smallest ``|x|``).
+
+    DELLA (arXiv 2406.11617, mergekit's ``della_magprune``) ranks magnitudes within each
+    row of a matrix; a 1-D tensor is one row. A row of one entry gets 0.5 (its keep
+    probability is then the density itself). Returned flat, float32.
+    """
+    x = tau.float()
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    cols = rows.shape[1]
+    if cols < 2:
+        return torch.full((rows.numel(),), 0.5, dtype=torch.float32, device=x.device)
+    order = torch.argsort(rows.abs(), dim=1)
+    rank = torch.empty_like(order)
+    ar = torch.arange(cols, device=x.device).expand_as(order)
+    rank.scatter_(1, order, ar)
+    return (rank.to(torch.float32) / (cols - 1)).reshape(-1)
+
+
+def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """Weighted Karcher (Frechet) mean on the unit sphere, rescaled by ``sum a_k ||x_k||``.
+
+    The iteration of mergekit's ``karcher`` (arXiv 2603.04972): start from the normalised
+    weighted mean of the unit vectors, then ``max_iter`` Riemannian gradient steps (log
+    map, mean tangent, exp map), stopping when the tangent norm falls below ``tol``.
+    Inputs whose norm is at most ``tol`` are left out of the direction (not the scale).
+    Computed in float32 on flat tensors.
+    """
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    xs = [t.reshape(-1).float() for t in tensors]
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    live = [k for k, n in enumerate(norms) if float(n) > tol]
+    if not live:
+        return torch.zeros_like(xs[0]).view(tensors[0].shape)
+    total = sum(alphas[k] for k in live)
+    a = [alphas[k] / total for k in live]
+    units = [xs[k] / norms[k] for k in live]
+    mean = torch.zeros_like(xs[0])
+    for ak, u in zip(a, units):
+        mean += ak * u
+    mnorm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mnorm) < tol else mean / mnorm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for ak, u in zip(a, units):
+            c = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
+            theta = torch.arccos(c)
+            if float(theta) < tol:
+                continue
+            tangent += ak * (theta / torch.sin(theta)) * (u - c * mean)
+        tnorm = torch.linalg.vector_norm(tangent)
+        if float(tnorm) < tol:
+            break
+        mean = torch.cos(tnorm) * mean + torch.sin(tnorm) * (tangent / tnorm)
+        un = torch.linalg.vector_norm(mean)
+        if float(un) > tol:
+            mean = mean / un
+    scale = sum(ak * n for ak, n in zip(alphas, norms))
+    return (scale * mean).view(tensors[0].shape)

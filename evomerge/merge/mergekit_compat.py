@@ -22,21 +22,18 @@ from evomerge.merge.recipe import GenomeSpec, MergeRecipe
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
+EXPORTABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
+# read from mergekit configs by _from_more(); not yet written back as mergekit YAML
+MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
+SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
-    "della": "random per-row magnitude-ranked drop probabilities are not implemented yet",
-    "della_linear": "random per-row magnitude-ranked drop probabilities are not implemented yet",
-    "model_stock": "not implemented yet (no free coefficients to search)",
-    "sce": "not implemented yet",
-    "nuslerp": "not implemented yet",
-    "multislerp": "not implemented yet",
-    "karcher": "not implemented yet",
-    "passthrough": "not implemented yet (slices that stack layers change the architecture, which an in-place build cannot)",
-    "arcee_fusion": "not implemented yet",
-    "nearswap": "not implemented yet",
-    "ram": "not implemented yet",
-    "ramplus_tl": "not implemented yet",
+    "passthrough": "slices that stack or drop layers change the architecture, which an in-place build into a live "
+                   "model cannot do, and a one-model copy (with scale filters) has nothing to merge or search",
+    "arcee_fusion": "not implemented yet (importance-masked fusion of two models)",
+    "nearswap": "not implemented yet (similarity-thresholded interpolation of two models)",
+    "ram": "not implemented yet (reinforced agent merging)",
+    "ramplus_tl": "not implemented yet (reinforced agent merging with overlap rescaling)",
 }
 _GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density", "gamma"}
 _BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
@@ -50,8 +47,72 @@ def is_mergekit_config(data: Any) -> bool:
 
 def _scalar(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: only scalar values are supported (got {value!r}); gradients and filters are not")
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{where}: 'filter:' values are not supported: evomerge's per-module genome groups each "
+                              "layer's norms with its attention / MLP block, where mergekit gives them the catch-all value")
+        raise ConfigError(f"{where}: only scalar values are supported here (got {value!r})")
     return float(value)
+
+
+def _setting(value: Any, where: str) -> float | tuple[float, ...]:
+    """A scalar, or a gradient list of numbers (interpolated across the layers, as mergekit)."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return tuple(float(v) for v in value)
+    return _scalar(value, where)
+
+
+def gradient_value(values: tuple[float, ...], t: float) -> float:
+    """mergekit's gradient at ``t`` in [0, 1]: piecewise-linear between equally spaced anchors."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def _layer_count(base: str, source: str) -> int:
+    cfg = Path(base) / "config.json"
+    try:
+        import json
+
+        n = json.loads(cfg.read_text()).get("num_hidden_layers")
+    except (OSError, ValueError):
+        n = None
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{source}: gradient lists need the base model's layer count (num_hidden_layers in a local "
+                          f"base_model folder's config.json; {cfg} has none)")
+    return n
+
+
+def _expand_gradients(values: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Per-module genome rows [embeddings, attn 0, mlp 0, ..., head] for every value.
+
+    mergekit evaluates a gradient at ``t = i / (L - 1)`` for layer ``i`` (``t = 1`` for a
+    single layer) and at ``t = 0`` for the embeddings and for the final norm and lm_head.
+    """
+    ts = [i / (n_layers - 1) if n_layers > 1 else 1.0 for i in range(n_layers)]
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        g = v if isinstance(v, tuple) else (v,)
+        rows = [gradient_value(g, 0.0)]
+        for t in ts:
+            rows += [gradient_value(g, t)] * 2
+        out[name] = rows + [gradient_value(g, 0.0)]
+    return out
+
+
+def _genome(weights: dict[str, Any], densities: dict[str, Any], scale: float, base: str, source: str) -> GenomeSpec:
+    if any(isinstance(v, tuple) for v in [*weights.values(), *densities.values()]):
+        n = _layer_count(base, source)
+        return GenomeSpec(weights=_expand_gradients(weights, n), densities=_expand_gradients(densities, n) if densities else None,
+                          scale=scale, modules=True)
+    return GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+
+
+def _check_density(d: float | tuple[float, ...], where: str) -> None:
+    for v in d if isinstance(d, tuple) else (d,):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{where} = {v:g} must lie in [0, 1] (the kept fraction of the task vector)")
 
 
 def _name_for(ref: str, taken: set[str]) -> str:
@@ -71,10 +132,14 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
                           f"(supported: {', '.join(SUPPORTED)})")
     if method not in SUPPORTED:
         raise ConfigError(f"{source}: merge_method '{method}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if method in MORE:
+        return _from_more(data, source, method)
     if "gamma" in (data.get("parameters") or {}) and method not in _BREADCRUMBS:
         raise ConfigError(f"{source}: parameters.gamma is not supported for '{method}' (only breadcrumbs has it)")
     if "slices" in data:
-        raise ConfigError(f"{source}: 'slices' configs are not supported; use the 'models:' form")
+        raise ConfigError(f"{source}: 'slices' configs are not supported: layer ranges that stack or drop layers change "
+                          "the architecture, which an in-place build cannot do; use the 'models:' form (gradient lists "
+                          "give per-layer values)")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
@@ -120,13 +185,11 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         w = p.get("weight", params.get("weight"))
         if w is None:
             raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
-        weights[name] = _scalar(w, f"{source}: models[{i}].parameters.weight")
+        weights[name] = _setting(w, f"{source}: models[{i}].parameters.weight")
         if method in _BREADCRUMBS:
             gammas[name] = _scalar(p.get("gamma", params.get("gamma", 0.01)), f"{source}: models[{i}].parameters.gamma")
-        densities[name] = _scalar(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
-        if not 0.0 <= densities[name] <= 1.0:
-            raise ConfigError(f"{source}: models[{i}].parameters.density ({ref}) = {densities[name]:g} must lie in "
-                              "[0, 1] (the kept fraction of the task vector)")
+        densities[name] = _setting(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+        _check_density(densities[name], f"{source}: models[{i}].parameters.density ({ref})")
     if base is None:  # linear without base: any input can be the reference; it gets tau = 0
         base = next(iter(experts.values()))
     if not experts:
@@ -161,7 +224,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
             raise ConfigError(f"{source}: slerp needs base_model plus exactly one other model, got {len(experts)}")
         if "t" not in params:
             raise ConfigError(f"{source}: slerp needs parameters.t")
-        weights = {next(iter(experts)): _scalar(params["t"], f"{source}: parameters.t")}
+        weights = {next(iter(experts)): _setting(params["t"], f"{source}: parameters.t")}
         densities = {}
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in _DTYPES:
@@ -171,7 +234,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     # computes in float32 (see docs/merging.md for the measured difference)
     compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
     out = data.get("out_dtype") or data.get("dtype")
-    genome = GenomeSpec(weights=weights, densities=densities or None, scale=scale)
+    genome = _genome(weights, densities, scale, str(base), source)
     return MergeRecipe(
         base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
         compute_dtype=None if compute == "float32" else compute, genome=genome,
@@ -199,6 +262,8 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
     """mergekit YAML reproducing ``recipe`` at ``genome``, or ``None`` and the reason why not."""
     opts = recipe.method_options
     names = list(recipe.experts)
+    if recipe.method in MORE:
+        return None, f"writing '{recipe.method}' back as a mergekit config is not implemented yet"
     if recipe.method not in SUPPORTED:
         return None, f"mergekit has no '{recipe.method}' method"
     if recipe.method == "ties" and opts.variant != "mergekit":  # type: ignore[attr-defined]
@@ -249,3 +314,142 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
     text = yaml.safe_dump(cfg, sort_keys=False)
     header = "# Reproduce with: mergekit-yaml mergekit_config.yml OUTPUT_DIR\n" + "".join(f"# note: {c}\n" for c in comments)
     return header + text, ""
+
+
+# --------------------------------------------------------------------------- the other methods
+# per method: shared parameters (mergekit name -> (evomerge option, default)), per-model
+# parameters, whether mergekit requires a base_model, and whether it uses the models' weights
+_MORE_SPEC: dict[str, dict[str, Any]] = {
+    "della": {"shared": {"normalize": ("normalize", True), "rescale": ("rescale", True), "int8_mask": (None, False)},
+              "per_model": {"weight", "density", "epsilon"}, "base": True, "weights": True},
+    "della_linear": {"shared": {"normalize": ("normalize", False), "rescale": ("rescale", True), "int8_mask": (None, False)},
+                     "per_model": {"weight", "density", "epsilon"}, "base": True, "weights": True},
+    "model_stock": {"shared": {"filter_wise": ("filter_wise", False)}, "per_model": {"weight"}, "base": True, "weights": False},
+    "sce": {"shared": {"select_topk": ("select_topk", 1.0), "int8_mask": (None, False)}, "per_model": {"weight"}, "base": True, "weights": False},
+    "nuslerp": {"shared": {"nuslerp_row_wise": ("row_wise", False), "nuslerp_flatten": ("flatten", True)},
+                "per_model": {"weight"}, "base": False, "weights": True},
+    "multislerp": {"shared": {"normalize_weights": ("normalize_weights", True), "eps": ("eps", 1e-8)},
+                   "per_model": {"weight"}, "base": False, "weights": True},
+    "karcher": {"shared": {"max_iter": ("max_iter", 10), "tol": ("tol", 1e-5)}, "per_model": {"weight"}, "base": False, "weights": False},
+}
+
+
+def _common_checks(data: dict[str, Any], source: str) -> None:
+    if "slices" in data:
+        raise ConfigError(f"{source}: 'slices' configs are not supported: layer ranges that stack or drop layers change "
+                          "the architecture, which an in-place build cannot do; use the 'models:' form (gradient lists "
+                          "give per-layer values)")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
+    ts = data.get("tokenizer_source")
+    if ts not in (None, "base"):
+        raise ConfigError(f"{source}: tokenizer_source '{ts}' is not supported (the base's tokenizer is copied)")
+    _check_tokenizer(data, source)
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in _DTYPES:
+            raise ConfigError(f"{source}: {key} '{data[key]}' is not supported (float32, bfloat16, float16)")
+
+
+def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
+    """della, della_linear, model_stock, sce, nuslerp, multislerp, karcher (mergekit 0.1.5)."""
+    spec = _MORE_SPEC[method]
+    _common_checks(data, source)
+    params = dict(data.get("parameters") or {})
+    shared_keys = set(spec["shared"]) | ({"lambda"} if method in ("della", "della_linear") else set())
+    bad = sorted(set(params) - shared_keys - spec["per_model"])
+    if bad:
+        raise ConfigError(f"{source}: parameters.{bad[0]} is not supported for '{method}'")
+    models = data.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source}: merge_method '{method}': 'models' must be a non-empty list")
+    base = data.get("base_model")
+    if isinstance(base, dict):
+        base = base.get("model")
+    if base is None and spec["base"]:
+        raise ConfigError(f"{source}: merge_method '{method}' needs base_model")
+    refs, per = [], []
+    for i, entry in enumerate(models):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{source}: models[{i}] needs a 'model' field")
+        ref = entry["model"]
+        ref = ref.get("model") if isinstance(ref, dict) else str(ref)
+        p = dict(entry.get("parameters") or {})
+        extra = sorted(set(p) - spec["per_model"])
+        if extra:
+            raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported for '{method}'")
+        if ref == base:
+            continue  # the base is an input of its own (karcher includes it in the mean)
+        refs.append(ref)
+        per.append((i, p))
+    no_base = base is None
+    if no_base and method == "karcher":
+        base, refs, per = refs[0], refs[1:], per[1:]
+    elif no_base:
+        base = refs[0]  # nuslerp / multislerp on the models themselves: the first one is the reference, tau = 0
+    if not refs:
+        raise ConfigError(f"{source}: no models besides the base_model")
+    if method == "nuslerp" and len(refs) != 2:
+        raise ConfigError(f"{source}: nuslerp needs exactly two models besides the base_model, got {len(refs)}")
+    if method == "model_stock" and len(refs) < 2:
+        raise ConfigError(f"{source}: model_stock needs base_model plus at least two other models, got {len(refs)}")
+
+    taken: set[str] = set()
+    experts: dict[str, str] = {}
+    weights: dict[str, float] = {}
+    densities: dict[str, float] = {}
+    eps_values: dict[str, float] = {}
+    for ref, (i, p) in zip(refs, per):
+        name = _name_for(ref, taken)
+        experts[name] = ref
+        if not spec["weights"]:
+            continue
+        w = p.get("weight", params.get("weight"))
+        if w is None:
+            raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one for {method})")
+        weights[name] = _setting(w, f"{source}: models[{i}].parameters.weight")
+        if method in ("della", "della_linear"):
+            d = _setting(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
+            e = _scalar(p.get("epsilon", params.get("epsilon", 0.15)), f"{source}: models[{i}].parameters.epsilon")
+            _check_density(d, f"{source}: models[{i}].parameters.density ({ref})")
+            for dv in d if isinstance(d, tuple) else (d,):
+                if 0 < dv < 1 and not (0 < dv - e and dv + e < 1):
+                    raise ConfigError(f"{source}: models[{i}] ({ref}): density {dv:g} +/- epsilon {e:g} must lie in "
+                                      "(0, 1) (mergekit refuses it too)")
+            densities[name], eps_values[name] = d, e
+    if not spec["weights"]:
+        ignored = [i for i, p in per if "weight" in p] or (["parameters"] if "weight" in params else [])
+        if ignored:
+            log.warning("%s: the models' weights are ignored: mergekit's %s takes none", source, method)
+        default = 1.0 if method == "sce" else 1.0 / len(experts)
+        weights = {n: default for n in experts}
+    options: dict[str, Any] = {}
+    for mk_key, (ours, default) in spec["shared"].items():
+        value = params.get(mk_key, default)
+        if ours is None:
+            continue  # int8_mask: a storage choice of mergekit's, no effect on the values
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: parameters.{mk_key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            value = int(_scalar(value, f"{source}: parameters.{mk_key}"))
+        else:
+            value = _scalar(value, f"{source}: parameters.{mk_key}")
+        options[ours] = value
+    if method in ("della", "della_linear"):
+        if len(set(eps_values.values())) > 1:
+            raise ConfigError(f"{source}: per-model epsilon values differ ({eps_values}); evomerge's della takes one "
+                              "epsilon for all models (a static option, not a searched gene)")
+        options["epsilon"] = next(iter(eps_values.values()), 0.15)
+    if method in ("nuslerp", "multislerp"):
+        options["on_task_vectors"] = not no_base  # without a base_model mergekit interpolates the models
+    scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
+    compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
+    out = data.get("out_dtype") or data.get("dtype")
+    genome = _genome(weights, densities, scale, str(base), source)
+    return MergeRecipe(
+        base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
+        compute_dtype=None if compute == "float32" else compute, genome=genome,
+    )

@@ -752,3 +752,7 @@ class RTsvm(Tsvm):
         if not (options.weight_1d and taus[0].dim() == 1):
             return super().vector_weights(taus, options)
         return K.outlier_weights([t.reshape(1, -1) for t in taus], self.settings(options)).float().to(taus[0].device)
+
+
+# mergekit's other methods (DELLA, Model Stock, SCE, NuSLERP, Multi-SLERP, Karcher) register on import
+from evomerge.merge import methods_more as _methods_more  # noqa: E402,F401

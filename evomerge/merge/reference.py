@@ -120,7 +120,85 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
         assert f is not None
         eff = c if weights is None else c * weights.float()
         return (f.us * torch.repeat_interleave(eff, f.rank)[None, :]) @ f.vh
+    if method in _MORE:
+        return _delta_more(method, opts, name, base, taus, w, d, ctx)
     raise ValueError(f"no reference for method '{method}'")
+
+
+_MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
+
+
+def _delta_more(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[torch.Tensor], w: list[float], d: list[float], ctx: Any) -> torch.Tensor:
+    """mergekit's remaining methods, written out per candidate (mergekit's order of steps)."""
+    from evomerge.merge import methods_more as M
+
+    c = torch.tensor(w, dtype=torch.float32)
+    cb = c.view(-1, *[1] * base.dim())
+    if method in ("della", "della_linear"):
+        rows = []
+        for k, (t, dk) in enumerate(zip(taus, d)):
+            u = K.keyed_uniform(K.tensor_key(opts.seed, ctx["experts"][k], name), torch.empty(t.numel()))
+            s = u - 2.0 * opts.epsilon * K.della_rank_fraction(t)
+            masked = t * M.della_mask(t, s, dk, opts.epsilon)
+            rows.append(_l1_rescaled(t, masked, dk if dk > 0 else 1.0) if opts.rescale else masked)
+        wt = cb * torch.stack(rows)
+        if method == "della":
+            return _consensus(wt, c, opts.normalize)
+        total = sum(w)
+        return wt.sum(0) / (total if opts.normalize and abs(total) >= 1e-8 else 1.0)
+    if method == "model_stock":
+        t = M.model_stock_ratio(taus, opts.filter_wise)
+        mix = (cb * torch.stack(taus)).sum(0)
+        if opts.filter_wise and base.dim() >= 2:
+            return (mix.reshape(base.shape[0], -1) * t[:, None]).view_as(base)
+        return mix * t
+    if method == "sce":
+        tv, agree, tvw = M.sce_select(taus, opts.select_topk)
+        ew = (c * tvw)[:, None] * agree
+        return ((tv * ew).sum(0) / ew.sum(0).clamp(min=1e-6)).view_as(base)
+    if method == "nuslerp":
+        v0, v1 = (taus[0], taus[1]) if opts.on_task_vectors else (base + taus[0], base + taus[1])
+        tt = M.nuslerp_t(w)
+        if opts.flatten or base.dim() < 2:
+            a, b = v0.reshape(-1), v1.reshape(-1)
+        else:
+            a, b = v0.reshape(base.shape[0], -1), v1.reshape(base.shape[0], -1)
+            a, b = (a.t(), b.t()) if opts.row_wise else (a, b)
+        au = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+        bu = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+        cos = torch.sum(au * bu, dim=-1, keepdim=True).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= opts.eps**2
+        theta = torch.acos(torch.where(colinear, 0, cos))
+        res = (torch.sin((1 - tt) * theta) * a + torch.sin(tt * theta) * b) / torch.sin(theta)
+        res = torch.where(colinear, (1 - tt) * a + tt * b, res)
+        if not (opts.flatten or base.dim() < 2) and opts.row_wise:
+            res = res.t()
+        res = res.reshape(base.shape)
+        return res if opts.on_task_vectors else res - base
+    if method == "multislerp":  # mergekit's tangent-space algorithm, step by step
+        xs = torch.stack([t.reshape(-1) for t in taus]) if opts.on_task_vectors else torch.stack([(base + t).reshape(-1) for t in taus])
+        if len(taus) == 1:
+            res = xs[0]
+        else:
+            wt = c / c.sum() if opts.normalize_weights else c
+            norms = torch.norm(xs, dim=-1, keepdim=True)
+            units = xs / (norms + opts.eps)
+            mean = (units * wt.view(-1, 1)).sum(0)
+            mnorm = torch.norm(mean)
+            if mnorm < opts.eps and len(taus) == 2:
+                res = xs[0] * wt[0] + xs[1] * wt[1]
+            else:
+                mean = mean / mnorm
+                dots = (units * mean).sum(-1, keepdim=True)
+                tangent = ((units - dots * mean) * wt.view(-1, 1)).sum(0)
+                tn = torch.norm(tangent) + opts.eps
+                res = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * wt).sum()
+        res = res.view_as(base)
+        return res if opts.on_task_vectors else res - base
+    if method == "karcher":
+        inputs = [base] + [base + t for t in taus]
+        return K.karcher_mean(inputs, [1.0 / len(inputs)] * len(inputs), opts.max_iter, opts.tol) - base
+    raise ValueError(method)
 
 
 def merge_uncached(pool: Any, method: str, options: Any, genome: Genome, num_layers: int | None = None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,448 @@
+"""mergekit's remaining merge methods in the prepare / build form of ``methods.py``.
+
+DELLA (and DELLA linear), Model Stock, SCE, NuSLERP, Multi-SLERP and the Karcher mean,
+with mergekit 0.1.5's semantics (``shared/research/mergekit.md``). Everything that does
+not depend on a candidate's coefficients (ranks, cosines, angles, Gram matrices, the
+SCE selection, the whole Karcher mean) is computed once in ``prepare_tensor``; a build
+is then one or two matrix-vector products over the expert axis plus a few elementwise
+passes, writing into the destination buffer.
+
+These builds always write a float32 buffer (``fp32_dst_only``): a bf16/fp16 model is
+written through the build's scratch copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from evomerge.errors import ConfigError
+from evomerge.merge import fused as F
+from evomerge.merge import kernels as K
+from evomerge.merge.methods import (
+    Candidate,
+    MethodOptions,
+    _abs_into,
+    _affine,
+    _Base,
+    _coef_tensor,
+    _stack,
+    register_method,
+)
+
+
+def _row_view(n_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a tensor seen as rows of its last axis (a 1-D tensor is one row)."""
+    if len(n_shape) < 2:
+        return 1, math.prod(n_shape)
+    return n_shape[0], math.prod(n_shape[1:])
+
+
+# --------------------------------------------------------------------------- DELLA
+class DellaOptions(MethodOptions):
+    normalize: bool = True
+    rescale: bool = Field(True, description="scale each pruned delta back to its L1 norm (mergekit's default)")
+    epsilon: float = Field(0.15, ge=0.0, lt=1.0, description="keep probabilities run from d-eps (smallest |tau|) to d+eps")
+    seed: int = 0
+
+
+class DellaLinearOptions(DellaOptions):
+    normalize: bool = False
+
+
+@dataclass
+class DellaState:
+    taus: torch.Tensor  # (T, n)
+    s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept where s < d - eps
+    l1: list[float]  # ||tau_k||_1
+
+
+@register_method("della")
+class Della(_Base):
+    """DELLA (arXiv 2406.11617), mergekit's ``della_magprune``: within each row the entry of
+    magnitude rank ``r`` in ``[0, 1]`` is kept with probability ``d - eps + 2 eps r``,
+    the pruned delta is rescaled to its L1 norm, then TIES's sign election and disjoint
+    weighted mean (``della``) or a weighted sum (``della_linear``).
+
+    The Bernoulli draws come from the keyed uniform field ``u`` of DARE (same candidate,
+    same mask; masks nest across densities). ``prepare`` keeps ``s = u - 2 eps r``
+    (4 B per element and expert), so a build is one compare ``s < d - eps``.
+    Probabilities outside ``[0, 1]`` are clamped (mergekit refuses ``d +- eps`` outside
+    ``(0, 1)``; the mergekit config reader does too).
+    """
+
+    options_model = DellaOptions
+    uses_density = True
+    fp32_dst_only = True
+    ties: ClassVar[bool] = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return (elem + 4) * n_experts * math.prod(shape)
+
+    def scratch(self, options, n_experts) -> tuple[int, str]:
+        return 2 * n_experts + 1, "4*(2T+1)*max_numel"
+
+    def prepare_tensor(self, info, base, taus, options) -> DellaState:
+        stack = _stack(taus, info.cache_dtype)
+        s = torch.empty(stack.shape, dtype=torch.float32, device=stack.device)
+        for k, e in enumerate(info.expert_names):
+            K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
+            s[k].sub_(K.della_rank_fraction(stack[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+        l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
+        return DellaState(stack, s, l1)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        t, n = state.taus.shape
+        keep = ws.get("keep", t * n).view(t, n)
+        absb = ws.get("abs", t * n).view(t, n)
+        _abs_into(state.taus, absb)
+        num = []
+        for k, d in enumerate(cand.densities):
+            if d >= 1:
+                keep[k].fill_(1)
+            elif d <= 0:
+                keep[k].zero_()
+            else:
+                torch.lt(state.s[k], d - options.epsilon, out=keep[k])
+            f = 1.0
+            if options.rescale and 0 < d < 1:
+                kept = float(torch.dot(absb[k], keep[k]))
+                f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
+            num.append(cand.weights[k] * f)
+        numt = torch.tensor(num, dtype=torch.float32, device=state.taus.device)
+        if self.ties:
+            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+            F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, numt)
+            return
+        total = sum(cand.weights)
+        if options.normalize and abs(total) >= 1e-8:
+            numt = numt / total
+        keep.mul_(state.taus)
+        _affine(base, keep, numt * cand.scale, dst, ws)
+
+
+@register_method("della_linear")
+class DellaLinear(Della):
+    options_model = DellaLinearOptions
+    ties = False
+
+
+def della_mask(tau: torch.Tensor, s: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep-mask of one expert at ``density`` (reference path and tests)."""
+    if density >= 1:
+        return torch.ones_like(tau, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    return (s < density - epsilon).view_as(tau)
+
+
+# --------------------------------------------------------------------------- Model Stock
+class ModelStockOptions(MethodOptions):
+    filter_wise: bool = Field(False, description="one ratio per row (mergekit's filter_wise) instead of per tensor")
+
+
+@dataclass
+class ModelStockState:
+    taus: torch.Tensor  # (T, n)
+    t: torch.Tensor  # (R,) float32: interpolation ratio per row (R = 1 unless filter_wise)
+    rows: int
+
+
+def model_stock_ratio(taus: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+    """Model Stock's ratio ``t = T cos / (1 + (T-1) cos)`` from the mean pairwise cosine of the
+    task vectors (per tensor, or per row with ``filter_wise``); 0 at the singularity."""
+    if filter_wise:
+        vs = [t.float().reshape(1, -1) if t.dim() < 2 else t.float().reshape(t.shape[0], -1) for t in taus]
+    else:
+        vs = [t.float().reshape(-1) for t in taus]
+    cos = []
+    for i, a in enumerate(vs):
+        for b in vs[i + 1 :]:
+            prod = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cos.append(((a * b).sum(dim=-1) / prod.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).reshape(-1)
+    count = len(vs)
+    den = 1 + (count - 1) * c
+    singular = den.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(c), count * c / torch.where(singular, torch.ones_like(den), den))
+
+
+@register_method("model_stock")
+class ModelStock(_Base):
+    """Model Stock (arXiv 2403.19522): ``theta = theta0 + t * sum_k c_k tau_k`` with the ratio
+    ``t`` fixed per tensor (or row) by the task vectors' mean pairwise cosine.
+
+    mergekit's model_stock takes no weights: its merge is ``c_k = 1/T`` (the average of the
+    experts); other weights reweight the average the ratio is applied to.
+    """
+
+    options_model = ModelStockOptions
+    min_experts = 2
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * n_experts * math.prod(shape) + 4 * _row_view(shape)[0]
+
+    def scratch(self, options, n_experts) -> tuple[int, str]:
+        return 2, "4*2*max_numel"
+
+    def prepare_tensor(self, info, base, taus, options) -> ModelStockState:
+        t = model_stock_ratio(taus, options.filter_wise).to(base.device)
+        return ModelStockState(_stack(taus, info.cache_dtype), t, t.numel())
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if state.rows == 1:
+            _affine(base, state.taus, cand.coeffs * (cand.scale * state.t), dst, ws)
+            return
+        mix = ws.get("mix", base.numel())
+        _affine(base, state.taus, cand.coeffs * cand.scale, mix, ws, beta=0.0)
+        mix.view(state.rows, -1).mul_(state.t[:, None])
+        torch.add(base, mix, out=dst)
+
+
+# --------------------------------------------------------------------------- SCE
+class SceOptions(MethodOptions):
+    select_topk: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the highest-variance entries kept")
+
+
+@dataclass
+class SceState:
+    kept: torch.Tensor  # (T, n): selected task vectors where they agree with the elected sign
+    agree: torch.Tensor  # (T, n) 0/1
+    tvw: torch.Tensor  # (T,) float32: mean-square weights of the selected task vectors
+
+
+def sce_select(taus: list[torch.Tensor], select_topk: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SCE (arXiv 2408.07990) as mergekit: Select the top ``select_topk`` of the nonzero
+    per-entry variances across experts, Calculate per-expert weights from the mean
+    square of the selected task vectors, Erase entries against the elected (sum) sign.
+    Returns (selected task vectors ``(T, n)``, agreement mask, weights ``(T,)``)."""
+    tv = torch.stack([t.float().reshape(-1) for t in taus])
+    if select_topk < 1:
+        mask = torch.zeros(tv.shape[1], dtype=tv.dtype, device=tv.device)
+        if select_topk > 0:
+            var = torch.var(tv, dim=0, unbiased=False)
+            k = int(int(torch.count_nonzero(var)) * select_topk)
+            if k > 0:
+                mask[torch.topk(var.abs(), k=k, largest=True).indices] = 1
+        tv = tv * mask
+    elected = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
+    agree = (tv.sign() == elected).to(tv.dtype)
+    w = tv.square().mean(dim=1)
+    total = float(w.sum())
+    w = torch.full_like(w, 1.0 / w.numel()) if abs(total) < 1e-6 else w / total
+    return tv, agree, w
+
+
+@register_method("sce")
+class Sce(_Base):
+    """SCE: ``theta = theta0 + sum_k c_k w_k m_k tau_k / max(sum_k c_k w_k m_k, 1e-6)`` per entry,
+    with the selection, weights ``w_k`` and sign mask ``m_k`` of :func:`sce_select` fixed
+    in prepare. mergekit's sce takes no weights (``c_k = 1``); others reweight the experts.
+    """
+
+    options_model = SceOptions
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return 2 * elem * n_experts * math.prod(shape)
+
+    def scratch(self, options, n_experts) -> tuple[int, str]:
+        return 3, "4*3*max_numel"
+
+    def prepare_tensor(self, info, base, taus, options) -> SceState:
+        tv, agree, w = sce_select(taus, options.select_topk)
+        return SceState((tv * agree).to(info.cache_dtype), agree.to(info.cache_dtype), w)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        n = base.numel()
+        coef = cand.coeffs * state.tvw
+        num = ws.get("num", n)
+        den = ws.get("den", n)
+        _affine(base, state.kept, coef, num, ws, beta=0.0)
+        _affine(base, state.agree, coef, den, ws, beta=0.0)
+        den.clamp_(min=1e-6)
+        num.div_(den)
+        torch.add(base, num, alpha=cand.scale, out=dst)
+
+
+# --------------------------------------------------------------------------- NuSLERP
+class NuslerpOptions(MethodOptions):
+    row_wise: bool = Field(False, description="slerp each column (mergekit's nuslerp_row_wise: along dim 0)")
+    flatten: bool = Field(True, description="slerp the whole flattened tensor (mergekit's nuslerp_flatten)")
+    on_task_vectors: bool = Field(True, description="slerp the task vectors (mergekit with a base_model); false: the models")
+    eps: float = 1e-8
+
+
+@dataclass
+class NuslerpState:
+    x: torch.Tensor  # (2, n): task vectors or models
+    theta: torch.Tensor  # angles, shape () / (R, 1) / (1, C)
+    colinear: torch.Tensor  # bool, same shape
+    shape2d: tuple[int, int]
+
+
+def nuslerp_angles(v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Angle(s) between ``v0`` and ``v1`` as mergekit's nuslerp measures them: whole tensor
+    (``flatten``), per column (``row_wise``) or per row; shaped to broadcast over the
+    tensor viewed as ``(R, C)``."""
+    if flatten or v0.dim() < 2:
+        a, b = v0.reshape(1, -1).float(), v1.reshape(1, -1).float()
+        shape2d = (1, v0.numel())
+    else:
+        shape2d = (v0.shape[0], v0.numel() // v0.shape[0])
+        a, b = v0.reshape(shape2d).float(), v1.reshape(shape2d).float()
+        if row_wise:
+            a, b = a.t(), b.t()
+    au = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    bu = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(au * bu, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    if row_wise and not (flatten or v0.dim() < 2):
+        theta, colinear = theta.t(), colinear.t()  # (1, C): one angle per column
+    return theta, colinear, shape2d
+
+
+def nuslerp_t(weights: list[float]) -> float:
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+@register_method("nuslerp")
+class Nuslerp(_Base):
+    """NuSLERP: slerp between two experts' task vectors (or the two models) at
+    ``t = c_1 / (c_0 + c_1)``, per tensor, row or column; lerp where colinear.
+    ``theta = theta0 + scale * (slerp - theta0)`` (mergekit has no scale: 1)."""
+
+    options_model = NuslerpOptions
+    min_experts = 2
+    max_experts = 2
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * 2 * math.prod(shape) + 8 * max(_row_view(shape))
+
+    def prepare_tensor(self, info, base, taus, options) -> NuslerpState:
+        xs = taus if options.on_task_vectors else [base + t for t in taus]
+        theta, colinear, shape2d = nuslerp_angles(xs[0].view(info.shape), xs[1].view(info.shape), options.row_wise, options.flatten, options.eps)
+        return NuslerpState(_stack(xs, info.cache_dtype), theta, colinear, shape2d)
+
+    @staticmethod
+    def coefficients(t: float, theta: torch.Tensor, colinear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.sin(theta)
+        a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / s)
+        b = torch.where(colinear, t, torch.sin(t * theta) / s)
+        return a, b
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        a, b = self.coefficients(nuslerp_t(cand.weights), state.theta, state.colinear)
+        lam = cand.scale
+        beta = 1.0 if options.on_task_vectors else 1.0 - lam
+        if state.theta.numel() == 1:
+            _affine(base, state.x, torch.cat([a.reshape(1), b.reshape(1)]) * lam, dst, ws, beta=beta)
+            return
+        dv = dst.view(state.shape2d)
+        torch.mul(state.x[0].view(state.shape2d), a * lam, out=dv)
+        dv.addcmul_(state.x[1].view(state.shape2d), b * lam)
+        dst.add_(base, alpha=beta)
+
+
+# --------------------------------------------------------------------------- Multi-SLERP
+class MultislerpOptions(MethodOptions):
+    normalize_weights: bool = True
+    on_task_vectors: bool = Field(True, description="interpolate task vectors (mergekit with a base_model); false: the models")
+    eps: float = 1e-8
+
+
+@dataclass
+class MultislerpState:
+    x: torch.Tensor  # (T, n)
+    norms: torch.Tensor  # (T,) float64
+    gram: torch.Tensor  # (T, T) float64: Gram matrix of the unit vectors x_k / (|x_k| + eps)
+    name: str
+
+
+@register_method("multislerp")
+class Multislerp(_Base):
+    """Multi-SLERP (mergekit's ``multislerp``): barycentric interpolation on the sphere.
+
+    The unit vectors ``u_k`` are averaged with weights ``w``, the mean is normalised, the
+    weighted tangent vectors at it are mapped back and the result scaled by
+    ``sum_k w_k |x_k|``. The tangent vectors of a normalised weighted mean sum to zero
+    (``sum_k w_k (u_k - (u_k.m) m) = |m_raw| m - |m_raw| m``), so the result is
+    ``(sum_k w_k |x_k|) m_raw / |m_raw|`` and needs only the Gram matrix of the ``u_k``,
+    computed once: a build is one matrix-vector product. Two experts whose weighted mean
+    vanishes are interpolated linearly, as mergekit does.
+    """
+
+    options_model = MultislerpOptions
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * n_experts * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> MultislerpState:
+        xs = taus if options.on_task_vectors else [base + t for t in taus]
+        flat = torch.stack([x.reshape(-1).float() for x in xs])
+        norms = torch.norm(flat, dim=-1)
+        units = flat / (norms[:, None] + options.eps)
+        gram = (units.double() @ units.double().t())
+        return MultislerpState(flat.to(info.cache_dtype), norms.double(), gram, info.name)
+
+    def alphas(self, state: MultislerpState, weights: list[float], options: Any) -> list[float]:
+        t = len(weights)
+        if t == 1:
+            return [1.0]
+        w = torch.tensor(weights, dtype=torch.float64)
+        if options.normalize_weights:
+            w = w / w.sum()
+        mnorm = float(torch.sqrt((w @ state.gram @ w).clamp(min=0)))
+        if mnorm < options.eps:
+            if t == 2:
+                return w.tolist()
+            raise ConfigError(f"multislerp: the weighted mean of the unit task vectors of '{state.name}' is zero "
+                              f"(antipodal inputs with balancing weights {weights}); use other weights")
+        avg = float((state.norms * w).sum())
+        return (w * avg / mnorm / (state.norms + options.eps)).tolist()
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        coef = _coef_tensor(self.alphas(state, cand.weights, options), base)
+        beta = 1.0 if options.on_task_vectors else 1.0 - cand.scale
+        _affine(base, state.x, coef * cand.scale, dst, ws, beta=beta)
+
+
+# --------------------------------------------------------------------------- Karcher
+class KarcherOptions(MethodOptions):
+    max_iter: int = Field(10, ge=0)
+    tol: float = Field(1e-5, gt=0.0)
+
+
+@register_method("karcher")
+class Karcher(_Base):
+    """Karcher mean of the base and the experts (equal weights, as mergekit's ``karcher``,
+    whose inputs include the base model), on the sphere and rescaled to the mean norm.
+    It has no coefficients: prepare computes the mean, a build writes
+    ``theta0 + scale * (karcher - theta0)``; genome weights are not used."""
+
+    options_model = KarcherOptions
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> torch.Tensor:
+        inputs = [base] + [base + t for t in taus]
+        mean = K.karcher_mean(inputs, [1.0 / len(inputs)] * len(inputs), options.max_iter, options.tol)
+        return (mean.reshape(1, -1).float() - base.reshape(1, -1).float()).to(info.cache_dtype)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        _affine(base, state, _coef_tensor([cand.scale], base), dst, ws)
+
+
+NEW_METHODS = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
+_ = Candidate  # re-exported for type checkers of build hooks
