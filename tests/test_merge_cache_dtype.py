@@ -7,16 +7,16 @@ import zlib
 
 import pytest
 import torch
-from test_merge_cache import ALL_METHODS as _ALL, METHOD_OPTIONS, random_genome, random_pool
+from test_merge_cache import ALL_METHODS as _ALL
+from test_merge_cache import METHOD_OPTIONS, random_genome, random_pool
 
+from evomerge.errors import EvomergeError
+from evomerge.merge import Genome, StatePool, build, estimate_cache_bytes, prepare
 from evomerge.merge.methods_more import NEW_METHODS
 
 # The low-precision cache is not yet matched for della..karcher (issue #15 follow-up:
 # nuslerp/multislerp/karcher angles from rounded inputs, della's bf16 rank ties)
 ALL_METHODS = [m for m in _ALL if m not in NEW_METHODS]
-
-from evomerge.errors import EvomergeError
-from evomerge.merge import Genome, StatePool, build, estimate_cache_bytes, prepare
 
 torch.set_num_threads(1)
 
