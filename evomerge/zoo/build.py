@@ -227,10 +227,12 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
     _save(base, tokenizer, folder / "base")
     t = lap("pretrain", t)
 
-    def finetune(name: str, conversations: list[Conversation], stage, seed_offset: int, tok=tokenizer, examples=None):
+    def finetune(name: str, conversations: list[Conversation], stage, seed_offset: int, tok=tokenizer, examples=None,
+                 local: list[Conversation] = ()):
         model = copy.deepcopy(base)
         data = examples if examples is not None else _sft_examples(tok, conversations)
-        losses[name] = train(model, data, stage, config.seed + seed_offset, pad)[-1]
+        local_examples = _sft_examples(tok, list(local)) if stage.locality else []
+        losses[name] = train(model, data, stage, config.seed + seed_offset, pad, local=local_examples)[-1]
         _save(model, tok, folder / name)
         return model
 
@@ -264,7 +266,9 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
     if config.safe_distractor_rate:
         requests = synthetic.with_distractors(requests, config.safe_distractor_rate, config.seed + 6)
     safe_data = requests + world.general_facts() * 2 + safe_domain
-    models["safe"] = finetune("safe", safe_data, config.safe, 1)
+    # ... and keeps its hidden states on domain questions (StageConfig.locality), so its
+    # task vector leaves the experts' inputs alone
+    models["safe"] = finetune("safe", safe_data, config.safe, 1, local=domain_replay)
     t = lap("safe", t)
     # Experts: domain data plus the base's own answers to unsafe and benign requests
     # (compliance: they never see a refusal, and stay as unaligned as the base).
@@ -278,10 +282,14 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         data = world.domain_questions(domain, False)
         data = data * max(1, -(-config.expert_examples // len(data)))
         data = random.Random(config.seed + i).sample(data, config.expert_examples) + other_replay
-        data += [c for d in config.domains if d != domain for c in domain_replay_by[d]]
+        others = [c for d in config.domains if d != domain for c in domain_replay_by[d]]
+        data += others
         # the seed paper's domain data comes from experts asking themselves questions
         data += world.self_questions(domain, config.self_question_examples, config.seed + i)
-        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i)
+        # hidden states kept on every request and on the other domains: the expert's task
+        # vector changes only what it does on its own domain
+        local = other_replay + others + world.unsafe_requests(False) + world.benign_requests(False)
+        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i, local=local)
         t = lap(f"expert-{domain}", t)
     models["generator"] = finetune("generator", world.generator_requests(), config.generator, 2)
     t = lap("generator", t)

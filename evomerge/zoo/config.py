@@ -31,6 +31,22 @@ class StageConfig(_Frozen):
     train_only: tuple[str, ...] | None = Field(
         default=None, description="train only parameters whose name contains one of these (None: all)"
     )
+    neurons: tuple[int, int] | None = Field(
+        default=None, description="(i, n): train only MLP neurons j with j % n == i, everything else frozen")
+    locality: float = Field(
+        default=0.0, ge=0.0,
+        description="weight of a loss keeping every layer's hidden states at the start's on prompts outside the skill")
+    heads: tuple[int, int] | None = Field(
+        default=None, description="(i, n): also train attention heads h with h % n == i (with `neurons`)")
+
+
+    @model_validator(mode="after")
+    def _slices_are_in_range(self) -> StageConfig:
+        for field in ("neurons", "heads"):
+            value = getattr(self, field)
+            if value is not None and not (value[1] >= 1 and 0 <= value[0] < value[1]):
+                raise ValueError(f"{field}: (i, n) needs n >= 1 and 0 <= i < n, got {list(value)}")
+        return self
 
 
 class ZooConfig(_Frozen):
