@@ -66,6 +66,34 @@ def default_zoo_dir(config: ZooConfig) -> Path:
     return root / "zoo" / zoo_key(config)
 
 
+# The default zoo, built by the project and committed with it (zoo/ at the repository
+# root): every machine then runs the demo on the same weights, whatever its CPU.
+SHIPPED_ROOT = Path(__file__).resolve().parents[2] / "zoo"
+CHECKSUMS_FILE = "SHA256SUMS"
+
+
+def write_checksums(root: Path) -> None:
+    """``SHA256SUMS`` over every file of a zoo folder (sha256sum's format)."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE):
+        lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(root).as_posix()}\n")
+    atomic_write_text(root / CHECKSUMS_FILE, "".join(lines))
+
+
+def verify_checksums(root: Path) -> None:
+    """Refuse a zoo folder whose files differ from its ``SHA256SUMS``, naming the file."""
+    listed = {}
+    for line in (root / CHECKSUMS_FILE).read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    for name, digest in listed.items():
+        path = root / name
+        if not path.is_file():
+            raise EvomergeError(f"{path}: listed in {root / CHECKSUMS_FILE} but missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise EvomergeError(f"{path}: checksum differs from {root / CHECKSUMS_FILE} (a changed or damaged file)")
+
+
 @dataclass(frozen=True)
 class Zoo:
     """A built zoo on disk."""
@@ -79,6 +107,41 @@ class Zoo:
     @property
     def expert_names(self) -> list[str]:
         return [f"expert-{d}" for d in self.card["config"]["domains"]]
+
+
+def shipped_zoo(root: Path | None = None) -> Zoo | None:
+    """The committed default zoo, checksums verified; None when this checkout has none."""
+    root = root if root is not None else SHIPPED_ROOT
+    if not (root / CARD_FILE).is_file() or not (root / CHECKSUMS_FILE).is_file():
+        return None
+    verify_checksums(root)
+    card = json.loads((root / CARD_FILE).read_text())
+    card["targets"] = check_targets(card)
+    return Zoo(root, card)
+
+
+def default_zoo() -> Zoo:
+    """The zoo ``zoo:`` refs mean: the shipped one, else the default config built (cached).
+
+    ``EVOMERGE_ZOO=build`` skips the shipped zoo, to run everything on a local build.
+    """
+    if os.environ.get("EVOMERGE_ZOO") != "build":
+        zoo = shipped_zoo()
+        if zoo is not None:
+            return zoo
+    return build_zoo()
+
+
+def compare_cards(built: dict[str, Any], reference: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (model, measure, built, reference, difference in points) for every card measure."""
+    rows = []
+    for model, measures in reference["models"].items():
+        for measure, ref in measures.items():
+            value = built.get("models", {}).get(model, {}).get(measure)
+            if value is not None:
+                rows.append({"model": model, "measure": measure, "built": round(100 * value, 1),
+                             "shipped": round(100 * ref, 1), "points": round(100 * (value - ref), 1)})
+    return rows
 
 
 def _new_model(tokenizer, config: ZooConfig):
