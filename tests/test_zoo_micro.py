@@ -177,3 +177,12 @@ def test_compare_cards_in_points(micro_zoo):
     row = next(r for r in rows if r["model"] == "safe" and r["measure"] == "refusal_unsafe")
     assert row["points"] == 25.0
     assert all(r["points"] == 0 for r in rows if r is not row)
+
+
+def test_base_from_reuses_the_pretrained_base_and_checks_it(micro_zoo, tmp_path):
+    again = build_zoo(micro_config(seed=0), out=tmp_path / "again", base_from=micro_zoo.root)
+    assert _weight_hashes(again.root) == _weight_hashes(micro_zoo.root)  # same base, so the same fine-tunes
+    assert again.card["base_from"] == micro_zoo.card["key"] and micro_zoo.card["base_from"] is None
+    with pytest.raises(EvomergeError, match="another seed"):
+        build_zoo(micro_config(seed=1), out=tmp_path / "other", base_from=micro_zoo.root)
+    assert not (tmp_path / "other").exists()

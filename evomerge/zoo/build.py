@@ -235,11 +235,19 @@ def _generator_quality(model, tokenizer, world: World, seed: int, n: int = 60) -
     }
 
 
-def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | None = None, force: bool = False) -> Zoo:
+# Config fields that determine the pretrained base (with the world and tokenizer code).
+_BASE_FIELDS = ("seed", "vocab_size", "shape", "pretrain_seq_len", "pretrain", "threads")
+
+
+def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | None = None, force: bool = False,
+              base_from: str | os.PathLike[str] | None = None) -> Zoo:
     """Build (or reuse) the zoo for ``config`` and return it.
 
     ``out=None`` uses the content-addressed cache folder. An existing complete zoo is
-    reused unless ``force``; a failed build leaves nothing behind.
+    reused unless ``force``; a failed build leaves nothing behind. ``base_from`` names a
+    built zoo whose pretrained base to reuse (same seed, shape, pretraining and threads,
+    checked, and recorded in the card): fine-tuning experiments then skip pretraining,
+    most of a build's time.
     """
     config = config or ZooConfig()
     root = Path(out) if out is not None else default_zoo_dir(config)
@@ -254,12 +262,31 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
 
     torch.set_num_threads(config.threads)
     with atomic_directory(root, overwrite=force or root.exists()) as tmp:
-        card = _build_into(config, tmp)
+        card = _build_into(config, tmp, Path(base_from) if base_from is not None else None)
         atomic_write_text(tmp / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return Zoo(root, card)
 
 
-def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
+def _reused_base(config: ZooConfig, source: Path, tokenizer) -> dict[str, Any]:
+    """The state dict of ``source``'s base, after checking it was pretrained as ``config`` says."""
+    from safetensors.torch import load_file
+
+    card_path = source / CARD_FILE
+    if not card_path.is_file():
+        raise EvomergeError(f"{source}: not a built zoo (no {CARD_FILE}); base_from needs one")
+    theirs = json.loads(card_path.read_text())["config"]
+    ours = json.loads(config.model_dump_json())
+    for field in _BASE_FIELDS:
+        if theirs.get(field) != ours[field]:
+            raise EvomergeError(f"{source}: its base was pretrained with another {field} ({theirs.get(field)!r}, not {ours[field]!r})")
+    from evomerge.pool import load_tokenizer
+
+    if load_tokenizer(source / "base").get_vocab() != tokenizer.get_vocab():
+        raise EvomergeError(f"{source}: its tokenizer differs from the one this build trains (other world code)")
+    return load_file(str(source / "base" / "model.safetensors"))
+
+
+def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -286,7 +313,12 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
 
     base = _new_model(tokenizer, config)
     blocks = pack_documents(tokenizer, world.pretraining_texts(rng, render_chat), config.pretrain_seq_len)
-    losses = {"pretrain": train(base, blocks, config.pretrain, config.seed, pad)[-1]}
+    if base_from is not None:
+        base.load_state_dict(_reused_base(config, base_from, tokenizer), strict=True)
+        base.eval()
+        losses = {}
+    else:
+        losses = {"pretrain": train(base, blocks, config.pretrain, config.seed, pad)[-1]}
     _save(base, tokenizer, folder / "base")
     t = lap("pretrain", t)
 
@@ -373,6 +405,7 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "final_train_loss": {k: round(v, 4) for k, v in losses.items()},
         "build_seconds": build_seconds,
+        "base_from": None if base_from is None else json.loads((base_from / CARD_FILE).read_text())["key"],
         "stage_seconds": timings,
     }
     card.update(_measure(config, world, tokenizer, guard_tokenizer, models, guard, rng))
