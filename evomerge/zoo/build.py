@@ -275,10 +275,12 @@ def _reused_base(config: ZooConfig, source: Path, tokenizer) -> dict[str, Any]:
     if not card_path.is_file():
         raise EvomergeError(f"{source}: not a built zoo (no {CARD_FILE}); base_from needs one")
     theirs = json.loads(card_path.read_text())["config"]
+    # through the config class, so fields added since that build compare at their defaults
+    theirs = json.loads(ZooConfig(**{f: theirs[f] for f in _BASE_FIELDS if f in theirs}).model_dump_json())
     ours = json.loads(config.model_dump_json())
     for field in _BASE_FIELDS:
-        if theirs.get(field) != ours[field]:
-            raise EvomergeError(f"{source}: its base was pretrained with another {field} ({theirs.get(field)!r}, not {ours[field]!r})")
+        if theirs[field] != ours[field]:
+            raise EvomergeError(f"{source}: its base was pretrained with another {field} ({theirs[field]!r}, not {ours[field]!r})")
     from evomerge.pool import load_tokenizer
 
     if load_tokenizer(source / "base").get_vocab() != tokenizer.get_vocab():
