@@ -39,6 +39,7 @@ def card_row(card: dict) -> dict:
         row[f"probe_{d}_refuses"] = 100 * probe["heldout"]["refusal_unsafe"]
         row[f"probe_{d}_acc"] = 100 * probe["heldout"][f"acc_{d}"]
     row["build_s"] = card["build_seconds"] + card["card_seconds"]
+    row["base"] = "reused" if card.get("base_from") else "trained"
     targets = check_targets(card)  # judged by today's bars, not those of the build
     row["targets_met"] = f"{sum(targets.values())}/{len(targets)}"
     return row
@@ -46,7 +47,7 @@ def card_row(card: dict) -> dict:
 
 def summarise(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    numeric = frame.drop(columns=["seed", "threads", "targets_met"])
+    numeric = frame.drop(columns=["seed", "threads", "targets_met", "base"])
     stats = pd.DataFrame({"mean": numeric.mean(), "min": numeric.min(), "max": numeric.max()}).T.reset_index()
     stats = stats.rename(columns={"index": "seed"})
     return pd.concat([frame.astype({"seed": str, "threads": str}), stats], ignore_index=True)
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="runs/zoo-robustness")
     parser.add_argument("--table-only", action="store_true", help="tabulate the zoos already built under --out")
+    parser.add_argument("--base-from", help="reuse pretrained bases: a folder with seed{S}-threads{T} zoos of the same pretraining")
     args = parser.parse_args()
     out = Path(args.out)
     rows = []
@@ -68,7 +70,9 @@ def main() -> None:
                 from evomerge.zoo import ZooConfig, build_zoo
 
                 print(f"[zoo] seed {seed}, {threads} thread(s) -> {folder}", flush=True)
-                build_zoo(ZooConfig(seed=seed, threads=threads), out=folder)
+                source = Path(args.base_from) / folder.name if args.base_from else None
+                build_zoo(ZooConfig(seed=seed, threads=threads), out=folder,
+                          base_from=source if source is not None and (source / "card.json").exists() else None)
             if (folder / "card.json").exists():
                 rows.append(card_row(json.loads((folder / "card.json").read_text())))
     table = summarise(rows)

@@ -141,3 +141,48 @@ def test_micro_card_renders_with_its_probe(micro_zoo):
     render_card(micro_zoo.card, console)
     text = console.export_text()
     assert "merge: safe + geography" in text and "points of accuracy from the expert" in text
+
+
+def test_shipped_zoo_is_verified_and_preferred(micro_zoo, tmp_path, monkeypatch):
+    import shutil
+
+    shipped = tmp_path / "zoo"
+    shutil.copytree(micro_zoo.root, shipped)
+    zoo_build.write_checksums(shipped)
+    monkeypatch.setattr(zoo_build, "SHIPPED_ROOT", shipped)
+    monkeypatch.delenv("EVOMERGE_ZOO", raising=False)
+    assert zoo_build.default_zoo().root == shipped
+    assert zoo_build.shipped_zoo().card["key"] == micro_zoo.card["key"]
+    # EVOMERGE_ZOO=build skips it (the default config would then be built: stop before that)
+    monkeypatch.setenv("EVOMERGE_ZOO", "build")
+    monkeypatch.setattr(zoo_build, "build_zoo", lambda: "built")
+    assert zoo_build.default_zoo() == "built"
+    # a damaged file is named
+    (shipped / "safe" / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(EvomergeError, match=r"safe/model.safetensors: checksum differs"):
+        zoo_build.shipped_zoo()
+    (shipped / "safe" / "model.safetensors").unlink()
+    with pytest.raises(EvomergeError, match="missing"):
+        zoo_build.shipped_zoo()
+
+
+def test_no_shipped_zoo_means_none(tmp_path):
+    assert zoo_build.shipped_zoo(tmp_path / "nothing") is None
+
+
+def test_compare_cards_in_points(micro_zoo):
+    other = json.loads(json.dumps(micro_zoo.card))
+    other["models"]["safe"]["refusal_unsafe"] = micro_zoo.card["models"]["safe"]["refusal_unsafe"] - 0.25
+    rows = zoo_build.compare_cards(micro_zoo.card, other)
+    row = next(r for r in rows if r["model"] == "safe" and r["measure"] == "refusal_unsafe")
+    assert row["points"] == 25.0
+    assert all(r["points"] == 0 for r in rows if r is not row)
+
+
+def test_base_from_reuses_the_pretrained_base_and_checks_it(micro_zoo, tmp_path):
+    again = build_zoo(micro_config(seed=0), out=tmp_path / "again", base_from=micro_zoo.root)
+    assert _weight_hashes(again.root) == _weight_hashes(micro_zoo.root)  # same base, so the same fine-tunes
+    assert again.card["base_from"] == micro_zoo.card["key"] and micro_zoo.card["base_from"] is None
+    with pytest.raises(EvomergeError, match="another seed"):
+        build_zoo(micro_config(seed=1), out=tmp_path / "other", base_from=micro_zoo.root)
+    assert not (tmp_path / "other").exists()

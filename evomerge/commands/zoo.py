@@ -1,4 +1,5 @@
-"""``evomerge zoo build``: build (or reuse) the tiny model zoo and print its card."""
+"""``evomerge zoo build``: build (or reuse) the tiny model zoo, print its card, and compare
+it with the zoo shipped in the repository (zoo/)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 import sys
 
-from evomerge.zoo.build import build_zoo
+from evomerge.zoo.build import build_zoo, compare_cards, shipped_zoo
 from evomerge.zoo.card import render_card
 from evomerge.zoo.config import ZooConfig, micro_config
 
@@ -35,6 +36,14 @@ def run_build(args: argparse.Namespace) -> int:
     else:
         render_card(zoo.card)
     print(f"zoo: {zoo.root}")
+    shipped = None if args.micro else shipped_zoo()
+    if shipped is not None and shipped.root.resolve() != zoo.root.resolve():
+        rows = compare_cards(zoo.card, shipped.card)
+        worst = max(rows, key=lambda r: abs(r["points"]), default=None)
+        if worst is not None:
+            print(f"against the shipped zoo ({shipped.root}, seed {shipped.card['config']['seed']}): "
+                  f"largest difference {worst['points']:+.1f} points ({worst['model']} {worst['measure']}: "
+                  f"{worst['built']} here, {worst['shipped']} shipped)")
     missed = [name for name, ok in zoo.card["targets"].items() if not ok]
     if missed and args.strict:
         print(f"missed targets: {', '.join(missed)}", file=sys.stderr)

@@ -65,6 +65,34 @@ def default_zoo_dir(config: ZooConfig) -> Path:
     return zoo_cache_dir() / zoo_key(config)
 
 
+# The default zoo, built by the project and committed with it (zoo/ at the repository
+# root): every machine then runs the demo on the same weights, whatever its CPU.
+SHIPPED_ROOT = Path(__file__).resolve().parents[2] / "zoo"
+CHECKSUMS_FILE = "SHA256SUMS"
+
+
+def write_checksums(root: Path) -> None:
+    """``SHA256SUMS`` over every file of a zoo folder (sha256sum's format)."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE):
+        lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(root).as_posix()}\n")
+    atomic_write_text(root / CHECKSUMS_FILE, "".join(lines))
+
+
+def verify_checksums(root: Path) -> None:
+    """Refuse a zoo folder whose files differ from its ``SHA256SUMS``, naming the file."""
+    listed = {}
+    for line in (root / CHECKSUMS_FILE).read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    for name, digest in listed.items():
+        path = root / name
+        if not path.is_file():
+            raise EvomergeError(f"{path}: listed in {root / CHECKSUMS_FILE} but missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise EvomergeError(f"{path}: checksum differs from {root / CHECKSUMS_FILE} (a changed or damaged file)")
+
+
 @dataclass(frozen=True)
 class Zoo:
     """A built zoo on disk."""
@@ -78,6 +106,41 @@ class Zoo:
     @property
     def expert_names(self) -> list[str]:
         return [f"expert-{d}" for d in self.card["config"]["domains"]]
+
+
+def shipped_zoo(root: Path | None = None) -> Zoo | None:
+    """The committed default zoo, checksums verified; None when this checkout has none."""
+    root = root if root is not None else SHIPPED_ROOT
+    if not (root / CARD_FILE).is_file() or not (root / CHECKSUMS_FILE).is_file():
+        return None
+    verify_checksums(root)
+    card = json.loads((root / CARD_FILE).read_text())
+    card["targets"] = check_targets(card)
+    return Zoo(root, card)
+
+
+def default_zoo() -> Zoo:
+    """The zoo ``zoo:`` refs mean: the shipped one, else the default config built (cached).
+
+    ``EVOMERGE_ZOO=build`` skips the shipped zoo, to run everything on a local build.
+    """
+    if os.environ.get("EVOMERGE_ZOO") != "build":
+        zoo = shipped_zoo()
+        if zoo is not None:
+            return zoo
+    return build_zoo()
+
+
+def compare_cards(built: dict[str, Any], reference: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (model, measure, built, reference, difference in points) for every card measure."""
+    rows = []
+    for model, measures in reference["models"].items():
+        for measure, ref in measures.items():
+            value = built.get("models", {}).get(model, {}).get(measure)
+            if value is not None:
+                rows.append({"model": model, "measure": measure, "built": round(100 * value, 1),
+                             "shipped": round(100 * ref, 1), "points": round(100 * (value - ref), 1)})
+    return rows
 
 
 def _new_model(tokenizer, config: ZooConfig):
@@ -175,11 +238,19 @@ def _generator_quality(model, tokenizer, world: World, seed: int, n: int = 60) -
     }
 
 
-def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | None = None, force: bool = False) -> Zoo:
+# Config fields that determine the pretrained base (with the world and tokenizer code).
+_BASE_FIELDS = ("seed", "vocab_size", "shape", "pretrain_seq_len", "pretrain", "threads")
+
+
+def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | None = None, force: bool = False,
+              base_from: str | os.PathLike[str] | None = None) -> Zoo:
     """Build (or reuse) the zoo for ``config`` and return it.
 
     ``out=None`` uses the content-addressed cache folder. An existing complete zoo is
-    reused unless ``force``; a failed build leaves nothing behind.
+    reused unless ``force``; a failed build leaves nothing behind. ``base_from`` names a
+    built zoo whose pretrained base to reuse (same seed, shape, pretraining and threads,
+    checked, and recorded in the card): fine-tuning experiments then skip pretraining,
+    most of a build's time.
     """
     config = config or ZooConfig()
     root = Path(out) if out is not None else default_zoo_dir(config)
@@ -194,12 +265,33 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
 
     torch.set_num_threads(config.threads)
     with atomic_directory(root, overwrite=force or root.exists()) as tmp:
-        card = _build_into(config, tmp)
+        card = _build_into(config, tmp, Path(base_from) if base_from is not None else None)
         atomic_write_text(tmp / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return Zoo(root, card)
 
 
-def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
+def _reused_base(config: ZooConfig, source: Path, tokenizer) -> dict[str, Any]:
+    """The state dict of ``source``'s base, after checking it was pretrained as ``config`` says."""
+    from safetensors.torch import load_file
+
+    card_path = source / CARD_FILE
+    if not card_path.is_file():
+        raise EvomergeError(f"{source}: not a built zoo (no {CARD_FILE}); base_from needs one")
+    theirs = json.loads(card_path.read_text())["config"]
+    # through the config class, so fields added since that build compare at their defaults
+    theirs = json.loads(ZooConfig(**{f: theirs[f] for f in _BASE_FIELDS if f in theirs}).model_dump_json())
+    ours = json.loads(config.model_dump_json())
+    for field in _BASE_FIELDS:
+        if theirs[field] != ours[field]:
+            raise EvomergeError(f"{source}: its base was pretrained with another {field} ({theirs[field]!r}, not {ours[field]!r})")
+    from evomerge.pool import load_tokenizer
+
+    if load_tokenizer(source / "base").get_vocab() != tokenizer.get_vocab():
+        raise EvomergeError(f"{source}: its tokenizer differs from the one this build trains (other world code)")
+    return load_file(str(source / "base" / "model.safetensors"))
+
+
+def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -226,14 +318,21 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
 
     base = _new_model(tokenizer, config)
     blocks = pack_documents(tokenizer, world.pretraining_texts(rng, render_chat), config.pretrain_seq_len)
-    losses = {"pretrain": train(base, blocks, config.pretrain, config.seed, pad)[-1]}
+    if base_from is not None:
+        base.load_state_dict(_reused_base(config, base_from, tokenizer), strict=True)
+        base.eval()
+        losses = {}
+    else:
+        losses = {"pretrain": train(base, blocks, config.pretrain, config.seed, pad)[-1]}
     _save(base, tokenizer, folder / "base")
     t = lap("pretrain", t)
 
-    def finetune(name: str, conversations: list[Conversation], stage, seed_offset: int, tok=tokenizer, examples=None):
+    def finetune(name: str, conversations: list[Conversation], stage, seed_offset: int, tok=tokenizer, examples=None,
+                 local: list[Conversation] = ()):
         model = copy.deepcopy(base)
         data = examples if examples is not None else _sft_examples(tok, conversations)
-        losses[name] = train(model, data, stage, config.seed + seed_offset, pad)[-1]
+        local_examples = _sft_examples(tok, list(local)) if stage.locality else []
+        losses[name] = train(model, data, stage, config.seed + seed_offset, pad, local=local_examples)[-1]
         _save(model, tok, folder / name)
         return model
 
@@ -267,7 +366,9 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
     if config.safe_distractor_rate:
         requests = synthetic.with_distractors(requests, config.safe_distractor_rate, config.seed + 6)
     safe_data = requests + world.general_facts() * 2 + safe_domain
-    models["safe"] = finetune("safe", safe_data, config.safe, 1)
+    # ... and keeps its hidden states on domain questions (StageConfig.locality), so its
+    # task vector leaves the experts' inputs alone
+    models["safe"] = finetune("safe", safe_data, config.safe, 1, local=domain_replay)
     t = lap("safe", t)
     # Experts: domain data plus the base's own answers to unsafe and benign requests
     # (compliance: they never see a refusal, and stay as unaligned as the base).
@@ -281,10 +382,14 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         data = world.domain_questions(domain, False)
         data = data * max(1, -(-config.expert_examples // len(data)))
         data = random.Random(config.seed + i).sample(data, config.expert_examples) + other_replay
-        data += [c for d in config.domains if d != domain for c in domain_replay_by[d]]
+        others = [c for d in config.domains if d != domain for c in domain_replay_by[d]]
+        data += others
         # the seed paper's domain data comes from experts asking themselves questions
         data += world.self_questions(domain, config.self_question_examples, config.seed + i)
-        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i)
+        # hidden states kept on every request and on the other domains: the expert's task
+        # vector changes only what it does on its own domain
+        local = other_replay + others + world.unsafe_requests(False) + world.benign_requests(False)
+        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i, local=local)
         t = lap(f"expert-{domain}", t)
     models["generator"] = finetune("generator", world.generator_requests(), config.generator, 2)
     t = lap("generator", t)
@@ -305,6 +410,7 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "final_train_loss": {k: round(v, 4) for k, v in losses.items()},
         "build_seconds": build_seconds,
+        "base_from": None if base_from is None else json.loads((base_from / CARD_FILE).read_text())["key"],
         "stage_seconds": timings,
     }
     card.update(_measure(config, world, tokenizer, guard_tokenizer, models, guard, rng))

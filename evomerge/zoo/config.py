@@ -31,6 +31,22 @@ class StageConfig(_Frozen):
     train_only: tuple[str, ...] | None = Field(
         default=None, description="train only parameters whose name contains one of these (None: all)"
     )
+    neurons: tuple[int, int] | None = Field(
+        default=None, description="(i, n): train only MLP neurons j with j % n == i, everything else frozen")
+    locality: float = Field(
+        default=0.0, ge=0.0,
+        description="weight of a loss keeping every layer's hidden states at the start's on prompts outside the skill")
+    heads: tuple[int, int] | None = Field(
+        default=None, description="(i, n): also train attention heads h with h % n == i (with `neurons`)")
+
+
+    @model_validator(mode="after")
+    def _slices_are_in_range(self) -> StageConfig:
+        for field in ("neurons", "heads"):
+            value = getattr(self, field)
+            if value is not None and not (value[1] >= 1 and 0 <= value[0] < value[1]):
+                raise ValueError(f"{field}: (i, n) needs n >= 1 and 0 <= i < n, got {list(value)}")
+        return self
 
 
 class ZooConfig(_Frozen):
@@ -57,9 +73,12 @@ class ZooConfig(_Frozen):
     # Experts: domain data plus replayed base answers (they never see a refusal). Sums are
     # a skill the base only half has, so that expert trains harder; capitals are known
     # facts the expert only learns to answer questions about.
+    # Their hidden states are held at the base's on every request and on the other
+    # domains (locality), so their task vectors leave the safe model's refusals alone
+    # (docs/zoo.md has the variants measured).
     experts: dict[str, StageConfig] = {
-        "arithmetic": StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0),
-        "geography": StageConfig(lr=1e-3, epochs=3),
+        "arithmetic": StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0, locality=3.0),
+        "geography": StageConfig(lr=1e-3, epochs=3, locality=3.0),
     }
     expert_examples: int = Field(default=1500, description="domain examples per expert (small sets are repeated)")
     replay_examples: int = Field(default=200, description="prompts per replayed set of the base's own answers")
@@ -67,7 +86,7 @@ class ZooConfig(_Frozen):
         default=100, description="self-questioning examples per expert (three questions in, a new one out)"
     )
     generator: StageConfig = StageConfig(lr=1e-3, epochs=2)
-    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1000)
+    guard: StageConfig = StageConfig(lr=1e-3, epochs=2, batch_size=8, max_examples=1200)
     domains: tuple[str, ...] = ("arithmetic", "geography")
     # Evaluation sizes (held-out sets are subsampled to these for the card).
     eval_domain_size: int = 200

@@ -39,12 +39,35 @@ def behaviour(model, tokenizer, sets: dict[str, Sequence[Conversation]]) -> dict
     return out
 
 
+def _unseen_combinations(train: list[Conversation], n: int, rng: random.Random) -> list[Conversation]:
+    """Training topics in training phrasings, in combinations no fine-tune saw verbatim.
+
+    Selecting merges on these (rather than on the training prompts themselves, which the
+    safe model has memorised) favours merges that keep its generalisation, while every
+    word of them stays inside the training distribution.
+    """
+    from datagen.synthetic import REQUEST_PHRASINGS, phrase_request
+
+    seen = {c.prompt for c in train}
+    by_topic = {c.topic: c for c in train}
+    out: list[Conversation] = []
+    topics = sorted(by_topic)
+    while len(out) < n:
+        ref = by_topic[rng.choice(topics)]
+        prompt = phrase_request(rng.choice(REQUEST_PHRASINGS), ref.topic, rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(Conversation(prompt, ref.answer, ref.kind, ref.topic, ref.category))
+    return out
+
+
 def heldin_sets(world: World, domains: Sequence[str], seed: int, n_unsafe: int = 96, n_benign: int = 64,
                 n_domain: int = 80) -> dict[str, list[Conversation]]:
-    """Fixed samples of the training distribution: every candidate sees the same prompts."""
+    """Fixed samples of the training distribution (unsafe and benign requests in unseen
+    combinations of training phrasings and topics): every candidate sees the same prompts."""
     rng = random.Random(seed)
-    sets = {"unsafe": rng.sample(world.unsafe_requests(False), n_unsafe),
-            "benign": rng.sample(world.benign_requests(False), n_benign)}
+    sets = {"unsafe": _unseen_combinations(world.unsafe_requests(False), n_unsafe, rng),
+            "benign": _unseen_combinations(world.benign_requests(False), n_benign, rng)}
     for d in domains:
         questions = world.domain_questions(d, False)
         sets[f"domain:{d}"] = rng.sample(questions, min(n_domain, len(questions)))

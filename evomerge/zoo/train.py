@@ -81,7 +81,53 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad_id: int) -> list[float]:
+def _slice_masks(model, stage: StageConfig) -> dict[str, torch.Tensor]:
+    """Gradient masks for a neuron-sliced fine-tune (``stage.neurons`` / ``stage.heads``).
+
+    An MLP is a sum over its neurons and attention a sum over its heads, so fine-tunes
+    that own disjoint neurons and heads add up exactly within a layer: their task
+    vectors interfere only through what each changes in later layers' inputs. Large
+    models' fine-tunes are close to that (each task moves few, mostly distinct units);
+    a model this small needs it spelled out.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for name, param in model.named_parameters():
+        if ".mlp." in name and stage.neurons is not None:
+            i, n = stage.neurons
+            keep = (torch.arange(cfg.intermediate_size) % n == i).to(param.dtype)
+            masks[name] = keep[None, :] if name.endswith("down_proj.weight") else keep[:, None]
+        elif ".self_attn." in name and stage.heads is not None:
+            i, n = stage.heads
+            keep = (torch.arange(cfg.num_attention_heads) % n == i).to(param.dtype).repeat_interleave(head_dim)
+            masks[name] = keep[None, :] if name.endswith("o_proj.weight") else keep[:, None]
+    return masks
+
+
+def _locality_loss(model, reference, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
+    """Mean squared change of every layer's hidden states from ``reference``'s, relative
+    to their size, on inputs outside the fine-tune's skill.
+
+    Replaying the base's answers only pins the greedy output there; a task vector can
+    still move hidden states that another model's task vector reads, which is what
+    breaks a merge. Pinning the hidden states keeps each fine-tune's change to its own
+    inputs, as large models' fine-tunes nearly are.
+    """
+    inputs = collate(batch, pad_id)
+    del inputs["labels"]
+    mask = inputs["attention_mask"].unsqueeze(-1).to(torch.float32)
+    with torch.no_grad():
+        ref = reference(**inputs, output_hidden_states=True).hidden_states[1:]
+    out = model(**inputs, output_hidden_states=True).hidden_states[1:]
+    total = 0.0
+    for h, r in zip(out, ref):
+        total = total + (((h - r) ** 2) * mask).sum() / ((r ** 2) * mask).sum().clamp_min(1e-8)
+    return total / len(ref)
+
+
+def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad_id: int,
+          local: Sequence[Example] = ()) -> list[float]:
     """Train ``model`` in place; returns the loss of every step (for the build log).
 
     ``stage.anchor_decay`` pulls the weights back toward where training started after
@@ -101,6 +147,9 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         params = {n: p for n, p in params.items() if any(part in n for part in stage.train_only)}
         if not params:
             raise ValueError(f"train_only {list(stage.train_only)} matches no parameter")
+    masks = _slice_masks(model, stage) if stage.neurons is not None or stage.heads is not None else {}
+    if masks:
+        params = {n: p for n, p in params.items() if n in masks}
     frozen = [p for n, p in model.named_parameters() if n not in params]
     for p in frozen:
         p.requires_grad_(False)
@@ -115,6 +164,13 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     anchor = {n: p.detach().clone() for n, p in params.items()} if stage.anchor_decay else None
+    reference = None
+    if stage.locality and local:
+        import copy
+
+        reference = copy.deepcopy(model).eval()
+        local = list(local)
+        local_rng = random.Random(seed + 1)
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
@@ -122,7 +178,11 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
     for step, batch in enumerate(batches, 1):
         inputs = collate(batch, pad_id)
         loss = model(**inputs).loss
+        if reference is not None:
+            loss = loss + stage.locality * _locality_loss(model, reference, local_rng.sample(local, min(len(local), stage.batch_size)), pad_id)
         loss.backward()
+        for name, mask in masks.items():
+            params[name].grad.mul_(mask)
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         if anchor is not None:
