@@ -1,8 +1,8 @@
 """References to models and data: ``zoo:NAME`` refs and the cache root.
 
 Every place that turns a recipe's or the command line's reference into a folder goes
-through here: ``zoo:NAME`` is ``NAME`` inside the default tiny zoo (built on first use,
-then cached), anything else is returned as given (a folder, a file, a hub id).
+through here: ``zoo:NAME`` is ``NAME`` inside the default tiny zoo (the one shipped in zoo/,
+else built on first use and cached), anything else is returned as given (a folder, a file, a hub id).
 
 The cache root is ``$EVOMERGE_CACHE``, else the platform's user cache folder; the zoo
 lives in ``<cache>/zoo/<key>``, hub sets' local copies in ``<cache>/datasets``.
@@ -22,7 +22,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 
 ZOO_PREFIX = "zoo:"
-ZOO_BUILDER = "evomerge.zoo.build:build_zoo"  # called with no arguments: the default zoo
+ZOO_BUILDER = "evomerge.zoo.build:default_zoo"  # called with no arguments: the shipped zoo, else the default one built
 
 
 def cache_root() -> Path:

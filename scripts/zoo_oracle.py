@@ -52,7 +52,7 @@ def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--zoo", help="zoo folder (default: the default zoo, built if missing)")
+    parser.add_argument("--zoo", help="zoo folder (default: the shipped zoo, else the default one built)")
     parser.add_argument("--pools", nargs="+", default=["geography", "arithmetic", "both"],
                         help="a domain (safe + that expert) or 'both' (safe + every expert)")
     parser.add_argument("--generations", type=int, default=12)
@@ -63,9 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.zoo is None:
-        from evomerge.zoo import build_zoo
+        from evomerge.zoo.build import default_zoo
 
-        zoo = build_zoo().root
+        zoo = default_zoo().root
     else:
         zoo = Path(args.zoo)
     card = json.loads((zoo / "card.json").read_text())

@@ -46,7 +46,7 @@ def _unseen_combinations(train: list[Conversation], n: int, rng: random.Random) 
     safe model has memorised) favours merges that keep its generalisation, while every
     word of them stays inside the training distribution.
     """
-    from datagen.synthetic import REQUEST_PHRASINGS, phrase_request
+    from evomerge.zoo.world import REQUEST_PHRASINGS, phrase_request
 
     seen = {c.prompt for c in train}
     by_topic = {c.topic: c for c in train}
