@@ -127,8 +127,10 @@ class LogHandler(logging.Handler):
 class Task:
     """One task: ``advance`` after each step, ``note`` to say what runs now."""
 
-    def __init__(self, description: str, total: int | None, completed: int, plain_every: float, show: bool) -> None:
+    def __init__(self, description: str, total: int | None, completed: int, plain_every: float, show: bool,
+                 plain_min: float = 0.0) -> None:
         self.description = description
+        self.plain_min = plain_min
         self.total = total
         self.completed = completed
         self.plain_every = plain_every
@@ -136,6 +138,7 @@ class Task:
         self.started = time.perf_counter()
         self._start_count = completed  # resumed steps do not count towards the speed
         self._last_line = -math.inf
+        self._printed_last = False
         self._id: Any = None
         if show and mode() == "rich" and _live is not None:
             self._id = _live.add_task(description, total=total, completed=completed, note="")
@@ -162,6 +165,9 @@ class Task:
         self._note = text
         if self._id is not None:
             _live.update(self._id, note=text)
+        elif self.show and mode() == "plain" and self.plain_every == 0:  # a line when each step starts
+            count = f"[{self.completed + 1}/{self.total}]" if self.total is not None else f"[{self.completed + 1}]"
+            print(f"{self.description}: {count} {text} ...", file=_out(), flush=True)
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.completed += n
@@ -173,8 +179,11 @@ class Task:
         elif m == "plain":
             now = time.perf_counter()
             last = self.total is not None and self.completed >= self.total
+            if self.elapsed() < self.plain_min or (last and self._printed_last):
+                return  # a short task prints nothing; the last step prints once
             if last or now - self._last_line >= self.plain_every:
                 self._last_line = now
+                self._printed_last = last
                 print(self.line(note), file=_out(), flush=True)
 
     def update(self, total: int | None = None, description: str | None = None) -> None:
@@ -205,16 +214,18 @@ def _start_live() -> None:
 
 @contextmanager
 def task(description: str, total: int | None = None, completed: int = 0, plain_every: float = 0.0,
-         show: bool = True) -> Iterator[Task]:
+         show: bool = True, plain_min: float = 0.0) -> Iterator[Task]:
     """A task for the ``with`` block. ``plain_every``: in plain mode, seconds between lines
-    (0: a line per step); ``show=False``: count but display nothing (the caller prints its
-    own lines). Tasks nest: in rich mode each open task is one bar."""
+    (0: a line per step, and one when each step starts if the caller gives a ``note``);
+    ``plain_min``: in plain mode, no line before the task has run this long (a quick task
+    stays silent); ``show=False``: count but display nothing (the caller prints its own
+    lines). Tasks nest: in rich mode each open task is one bar."""
     global _open, _live
     show = show and mode() != "quiet"
     if show and mode() == "rich" and _live is None:
         _start_live()
     _open += 1
-    t = Task(description, total, completed, plain_every, show)
+    t = Task(description, total, completed, plain_every, show, plain_min)
     try:
         yield t
     finally:

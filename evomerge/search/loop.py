@@ -262,15 +262,14 @@ def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: EvaluationBackend, space: GenomeSpace,
           show_progress: bool, trackers=None) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from evomerge import progress
 
-    console = Console(stderr=True, quiet=not show_progress)
+    say = progress.log if show_progress else (lambda _line: None)
     planned = _planned_evals(recipe, proposer)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     started = time.perf_counter() - state.elapsed_s
-    with Progress(*columns, console=console, transient=False, disable=not show_progress) as bar:
-        task = bar.add_task(f"{recipe.name} [{recipe.search.mode}]", total=planned, completed=len(state.candidates))
+    # a bar of candidates on a terminal; elsewhere the generation lines are the steps
+    with progress.task(f"{recipe.name} [{recipe.search.mode}] candidates", total=planned,
+                       completed=len(state.candidates), plain_every=math.inf, show=show_progress) as bar:
         while True:
             reason = _stop_reason(recipe, state, proposer)
             if reason:
@@ -282,7 +281,7 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: Evaluation
                 state.stop_reason = proposer.internal_stop() or "proposer has nothing left"
                 break
             # the whole generation at once, so a parallel backend can spread it
-            scored = backend.evaluate_many(genomes, on_result=lambda _pos: bar.advance(task))
+            scored = backend.evaluate_many(genomes, on_result=lambda _pos: bar.advance())
             values, rows = [], []
             for pos, (genome, s) in enumerate(zip(genomes, scored)):
                 value = _fitness_for(recipe, s)
@@ -300,12 +299,12 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer, backend: Evaluation
             if trackers is not None:  # after the checkpoint: a tracker never holds a generation the run lacks
                 trackers.log_metrics({f"search/{k}": v for k, v in gen.items() if k != "generation"},
                                      gen["generation"])
-            console.print(_generation_line(gen))
+            say(_generation_line(gen))
     state.finished = True
     state.elapsed_s = time.perf_counter() - started
     run.save_checkpoint(state)
     run.write_tables(state)
-    console.print(f"stopped: {state.stop_reason}")
+    say(f"stopped: {state.stop_reason}")
 
 
 def _row(index: int, generation: int, space: GenomeSpace, genome: Genome, s: Scored, value: float,

@@ -189,21 +189,35 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
             return Zoo(root, card)
         raise EvomergeError(f"{root} holds a zoo built from another config or code version; pass --force to rebuild")
 
+    from evomerge import progress
+
     torch.set_num_threads(config.threads)
-    with atomic_directory(root, overwrite=force or root.exists()) as tmp:
-        card = _build_into(config, tmp)
+    # stages: tokenizer, pretrain, safe, one per expert, generator, guard, the card (with the merge probe)
+    with (atomic_directory(root, overwrite=force or root.exists()) as tmp,
+          progress.task("zoo build", total=6 + len(config.domains)) as stages):
+        stages.note("tokenizer")
+        card = _build_into(config, tmp, stages)
         atomic_write_text(tmp / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return Zoo(root, card)
 
 
-def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
+def _build_into(config: ZooConfig, folder: Path, stages: Any = None) -> dict[str, Any]:
+    from evomerge import progress
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    order = ["tokenizer", "pretrain", "safe", *(f"expert-{d}" for d in config.domains), "generator", "guard", "card"]
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - since, 2)
-        log.info("zoo: %s done in %.1f s", name, now - since)
+        if stages is None:
+            log.info("zoo: %s done in %.1f s", name, now - since)
+        else:
+            stages.advance(note=f"{name} done in {progress.duration(now - since)}")
+            following = order.index(name) + 1
+            if following < len(order):
+                stages.note(order[following])
         return now
 
     t = time.perf_counter()
@@ -294,6 +308,7 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
     t = lap("guard", t)
     _export_data(world, config, folder / "data")
     build_seconds = round(time.perf_counter() - started, 1)
+    card_started = time.perf_counter()
 
     card = {
         "key": zoo_key(config),
@@ -306,6 +321,8 @@ def _build_into(config: ZooConfig, folder: Path) -> dict[str, Any]:
     }
     card.update(_measure(config, world, tokenizer, guard_tokenizer, models, guard, rng))
     card["card_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
+    if stages is not None:
+        stages.advance(note=f"card done in {progress.duration(time.perf_counter() - card_started)}")
     card["targets"] = check_targets(card)
     return card
 
