@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 def self_question(domain: str, expert: str, seeds: list[str], recipe: DatagenRecipe) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     spec = recipe.domain
     gen = make_generator(recipe.backend, resolve_path(expert), device=recipe.device)
+    if hasattr(gen, "label"):
+        gen.label = f"datagen domain: {domain}"  # progress lines (evomerge.progress)
     rng = random.Random(f"{recipe.seed}:{domain}")
     seed_norm = {normalize(q) for q in seeds}
     kept: list[dict[str, Any]] = []
@@ -100,11 +102,16 @@ def build_domain_data(recipe: DatagenRecipe) -> tuple[dict[str, list[dict[str, A
     domains = list(dict.fromkeys([*spec.experts, *spec.source]))
     if not domains:
         raise ConfigError("domain.experts: no expert (and no domain.source) to build domain data from")
+    from evomerge import progress
+
     data, report = {}, {}
-    for d in domains:
-        if d in spec.source:
-            data[d], report[d] = from_source(d, spec.experts.get(d), recipe)
-        else:
-            data[d], report[d] = self_question(d, spec.experts[d], spec.seed_questions[d], recipe)
-        log.info("datagen: domain %s: %s", d, report[d])
+    with progress.task("datagen domain", total=len(domains)) as done:
+        for d in domains:
+            done.note(d)
+            if d in spec.source:
+                data[d], report[d] = from_source(d, spec.experts.get(d), recipe)
+            else:
+                data[d], report[d] = self_question(d, spec.experts[d], spec.seed_questions[d], recipe)
+            log.info("datagen: domain %s: %s", d, report[d])
+            done.advance(note=f"{d}: {report[d].get('kept', '?')} kept")
     return data, report

@@ -77,6 +77,7 @@ def first_line(text: str) -> str:
 def write_prompts(spec: SafetySpec, backend: str, seed: int, device: str | None) -> list[dict[str, Any]]:
     """Ask the generator for ``spec.n`` unsafe requests, cycling categories and templates."""
     gen = make_generator(backend, resolve_path(spec.generator), device=device)
+    _label(gen, "datagen safety: generator writes requests")
     asks = []
     for i in range(spec.n):
         category = spec.categories[i % len(spec.categories)]
@@ -94,10 +95,17 @@ def answer_all(pool: dict[str, str], prompts: list[str], params: GenerationParam
     answers = {}
     for name, ref in pool.items():
         gen = make_generator(backend, resolve_path(ref), device=device)
+        _label(gen, f"datagen safety: {name} answers")
         answers[name] = [a.strip() for a in gen.chat([[{"role": "user", "content": p}] for p in prompts], params)]
         del gen
         log.info("datagen: %s answered %d prompts", name, len(prompts))
     return answers
+
+
+def _label(gen: Any, text: str) -> None:
+    """What the generator's progress line says (evomerge.progress)."""
+    if hasattr(gen, "label"):
+        gen.label = text
 
 
 def _judge(spec: SafetySpec, device: str | None):
@@ -128,7 +136,14 @@ def build_safety_data(recipe: DatagenRecipe) -> tuple[list[dict[str, Any]], list
     answers = answer_all(recipe.pool, prompts, spec.answer_generation, recipe.backend, recipe.device)
     judge = _judge(spec, recipe.device)
     models = list(recipe.pool)
-    verdicts: dict[str, list[Judgement]] = {m: judge.judge(list(zip(prompts, answers[m]))) for m in models}
+    from evomerge import progress
+
+    verdicts: dict[str, list[Judgement]] = {}
+    with progress.task(f"datagen safety: {judge.name} judges", total=len(models)) as judged_models:
+        for m in models:
+            judged_models.note(f"{m}'s {len(prompts)} answers")
+            verdicts[m] = judge.judge(list(zip(prompts, answers[m])))
+            judged_models.advance(note=m)
 
     rng = random.Random(f"{recipe.seed}:safety")
     kept, judged = [], []

@@ -238,23 +238,32 @@ def run_ablation(recipe_path: str | Path, factors: list[Factor], folder: str | P
         evaluator = evaluator_for([base.pool.base, *base.pool.experts.values()], config)
         total = math.prod(len(f.values) for f in factors)
 
+        bar: list = []  # the progress task, once it is open
+
         def objective(trial) -> float:
             params = {f.name: trial.suggest_categorical(f.name, list(f.values)) for f in factors}
             point = _point_name(params)
             done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-            log.info("ablation: grid point %s (%d of %d finished)", point, done, total)
+            log.debug("ablation: grid point %s (%d of %d finished)", point, done, total)
+            bar[0].note(point)
             search = load_search_recipe(recipe_path, [*overrides, *(f"{f.path}={_yaml(params[f.name])}" for f in factors),
                                                       f"name={point}", *NO_HELDOUT_CHECK])
             out = search_and_evaluate(search, folder / "runs" / point, evaluator, point)
             for key, value in out.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("run_dir", str(folder / "runs" / point))
-            return float(out.get("alignment", float("nan")))
+            alignment = float(out.get("alignment", float("nan")))
+            bar[0].advance(note=f"{point}: alignment {alignment:.1f}")
+            return alignment
 
         from optuna.trial import TrialState
 
+        from evomerge import progress
+
         started = time.perf_counter()
-        with sharing_preparation():
+        finished = sum(TrialState.COMPLETE in s for s in _states_by_point(study, factors).values())
+        with sharing_preparation(), progress.task(f"ablation {folder.name}", total=total, completed=finished) as points:
+            bar.append(points)
             while True:
                 retried = _requeue(study, factors, owned)
                 if retried:

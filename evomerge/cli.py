@@ -17,15 +17,52 @@ from evomerge import __version__
 from evomerge.commands import COMMANDS
 from evomerge.errors import EvomergeError
 
+VERBOSE_HELP = "debug logging, and the libraries' own progress bars (transformers, the hub)"
+QUIET_HELP = "no progress display and no info logging; warnings, errors and the results still print"
+
+
+def _add_output_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v/--verbose and -q/--quiet, the same on every command and before or after its name
+    (a subcommand's copy defaults to SUPPRESS, so it never undoes the top-level flag)."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP, **default)
+    group.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP, **default)
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield sub
+                yield from _leaf_parsers(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Find safe merges of language models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
-    subparsers = parser.add_subparsers(dest="command")
+    _add_output_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}",
+                        help="print the version and exit")
+    subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for register in COMMANDS:
         register(subparsers)
+    for sub in _leaf_parsers(parser):
+        _add_output_options(sub, top=False)
     return parser
+
+
+def configure_output(verbose: bool = False, quiet: bool = False) -> None:
+    """Logging and the progress display for one command (``evomerge.progress``)."""
+    from evomerge import progress
+
+    progress.configure(quiet=quiet, verbose=verbose)
+    handler = progress.LogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, progress.LogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,11 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_output(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
     except EvomergeError as exc:

@@ -369,6 +369,8 @@ class Evaluator:
         if self.config.dtype and isinstance(ref, str):
             kwargs["dtype"] = self.config.dtype
         gen = make_generator(self.config.backend, ref, candidate.tokenizer, **kwargs)
+        if hasattr(gen, "label"):
+            gen.label = f"eval {candidate.name}"  # progress: prompts answered by this model
         params = GenerationParams(max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
                                   seed=self.config.seed)
         flat = [p for s in self.sets for p in s.prompts]
@@ -466,14 +468,17 @@ class Evaluator:
     def run(self, candidates: Sequence[Candidate]) -> EvalResult:
         import pandas as pd
 
+        from evomerge import progress
+
         start = time.perf_counter()
         rows, records = [], []
-        for c in candidates:
-            t0 = time.perf_counter()
-            row, recs = self.evaluate(c)
-            rows.append(row)
-            records.extend(recs)
-            log.info("evaluated %s in %.1f s", c.name, time.perf_counter() - t0)
+        with progress.task("eval", total=len(candidates)) as done:
+            for c in candidates:
+                done.note(c.name)
+                row, recs = self.evaluate(c)
+                rows.append(row)
+                records.extend(recs)
+                done.advance(note=c.name)
         table = pd.DataFrame(rows)
         ordered = ["model", "alignment", "over_refusal"] + sorted(c for c in table.columns if c.startswith("acc_"))
         rest = [c for c in table.columns if c not in ordered]

@@ -80,6 +80,14 @@ def loaded_model(model: Any, tokenizer: Any = None, device: str | None = None, d
     return (model.to(device) if device else model), tokenizer
 
 
+def _label(model: Any) -> str:
+    """A short name for progress lines: the folder or hub id's last part."""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        text = str(model).rstrip("/")
+        return text.rsplit("/", 1)[-1] or text
+    return "model"
+
+
 def render_chats(tokenizer: Any, chats: Sequence[Chat]) -> list[str]:
     """Each chat rendered by the model's own template, ready for the assistant's turn."""
     return [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in chats]
@@ -98,6 +106,7 @@ class TransformersGenerator:
                  load_options: Any = None) -> None:
         self.model, self.tokenizer = loaded_model(model, tokenizer, device, dtype, load_options, "transformers")
         self.device = next(self.model.parameters()).device
+        self.label = _label(model)
 
     def chat(self, chats: Sequence[Chat], params: GenerationParams) -> list[str]:
         return self.complete(render_chats(self.tokenizer, chats), params)
@@ -112,18 +121,22 @@ class TransformersGenerator:
         results: dict[int, str] = {}
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(params.seed)
+        from evomerge import progress
+
         try:
-            for start in range(0, len(order), params.batch_size):
-                idx = order[start : start + params.batch_size]
-                enc = tok([prompts[i] for i in idx], add_special_tokens=False, padding=True, return_tensors="pt")
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                sampling: dict[str, Any] = {"do_sample": False}
-                if not params.greedy:
-                    sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-                out = self.model.generate(**enc, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
-                                          eos_token_id=tok.eos_token_id, **sampling)
-                texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                results.update(zip(idx, texts))
+            with progress.task(f"{self.label}: answers", total=len(prompts), plain_every=30.0, plain_min=5.0) as answered:
+                for start in range(0, len(order), params.batch_size):
+                    idx = order[start : start + params.batch_size]
+                    enc = tok([prompts[i] for i in idx], add_special_tokens=False, padding=True, return_tensors="pt")
+                    enc = {k: v.to(self.device) for k, v in enc.items()}
+                    sampling: dict[str, Any] = {"do_sample": False}
+                    if not params.greedy:
+                        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+                    out = self.model.generate(**enc, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
+                                              eos_token_id=tok.eos_token_id, **sampling)
+                    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    results.update(zip(idx, texts))
+                    answered.advance(len(idx))
         finally:
             tok.padding_side = side
             torch.random.set_rng_state(generator_state)

@@ -145,7 +145,8 @@ def search_and_evaluate(search, run_dir: Path, evaluator: Evaluator, label: str)
     from evomerge.search.run import RunDir
 
     resume = RunDir(run_dir).has_checkpoint()
-    result = run_search(search, run_dir, resume=resume, force=run_dir.exists() and not resume, progress=False)
+    # progress: its generations show under the caller's row (evomerge.progress; silent with --quiet)
+    result = run_search(search, run_dir, resume=resume, force=run_dir.exists() and not resume, progress=True)
     search_s = time.perf_counter() - t0
     ev, best = result.evaluator, result.best
     ev.build(result.best_genome)
@@ -190,18 +191,27 @@ def _pool_rows(recipe: ReportRecipe, search_recipe, folder: Path, evaluator: Eva
     models = [(name, ref, "pool") for name, ref in experts.items()]
     if recipe.include_base:
         models.append(("base", base, "base"))
+    from evomerge import progress
+
     rows = []
-    for name, ref, role in models:
-        cached = folder / "pool" / f"{name}.json"
-        if cached.exists():
-            rows.append(json.loads(cached.read_text()))
-            continue
-        measured, _ = evaluator.evaluate(Candidate(name, ref))
-        row = {**measured, "method": "-", "search": role}
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cached, json.dumps(row, indent=2, default=float) + "\n")
-        rows.append(row)
+    with progress.task(f"report {recipe.name}: pool", total=len(models)) as done:
+        for name, ref, role in models:
+            done.note(name)
+            rows.append(_pool_row(name, ref, role, folder, evaluator))
+            done.advance(note=name)
     return rows
+
+
+def _pool_row(name: str, ref: str, role: str, folder: Path, evaluator: Evaluator) -> dict[str, Any]:
+    """One pool model's row: from the cache, or evaluated now."""
+    cached = folder / "pool" / f"{name}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    measured, _ = evaluator.evaluate(Candidate(name, ref))
+    row = {**measured, "method": "-", "search": role}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cached, json.dumps(row, indent=2, default=float) + "\n")
+    return row
 
 
 def target_checks(table, domains: list[str], targets: Targets):
@@ -362,10 +372,15 @@ def run_report(recipe: ReportRecipe, out: str | Path | None = None, runs_root: s
     with FolderLock(folder, "report folder"):  # one report writer per folder
         atomic_write_text(folder / "report_recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         rows = _pool_rows(recipe, search_recipe, folder, evaluator)
-        with sharing_preparation():  # the rows of one method share its merge cache and the tokenised data
-            for i, (method, row) in enumerate(cells, 1):
-                log.info("report %s: [%d/%d] %s %s", recipe.name, i, len(cells), method, row)
+        from evomerge import progress
+
+        # the rows of one method share its merge cache and the tokenised data
+        with sharing_preparation(), progress.task(f"report {recipe.name}", total=len(cells)) as done:
+            for method, row in cells:
+                label = row if row in METHOD_FREE_ROWS else f"{PAPER_NAMES.get(method, method)} {row}"
+                done.note(label)
                 rows.append(_run_one(recipe, method, row, folder, evaluator))
+                done.advance(note=label)
         table = pd.DataFrame(rows)
         front = ["method", "search", "model", "alignment", "over_refusal"] + [f"acc_{d}" for d in domains]
         table = table[[c for c in front if c in table.columns] + [c for c in table.columns if c not in front]]

@@ -12,9 +12,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model, judged, one refusal kept per prompt. domain: experts self-question from 3 in-context "
         "examples and answer. Overrides: dotted recipe fields, e.g. safety.n=500.",
     )
-    parser.add_argument("kind", choices=["safety", "domain"])
+    parser.add_argument("kind", choices=["safety", "domain"],
+                        help="safety: unsafe prompts and pool refusals; domain: self-questioned expert data")
     parser.add_argument("recipe", help="datagen recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields by dotted name")
     parser.add_argument("--n", type=int, help="N: prompts to write (safety) or questions per expert (domain)")
     parser.add_argument("--out", help="output folder (default: runs/<recipe name>)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds other data")

@@ -22,9 +22,9 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="rows per set (a fixed random subset)")
     parser.add_argument("--max-new-tokens", type=int, help="answer length (default: 64 zoo, 256 otherwise)")
     parser.add_argument("--backend", default="transformers", help="generation backend (transformers, vllm)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where models and judges run: cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--dtype", help="load models in this dtype (bfloat16, float16, float32)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of generation (default 0)")
 
 
 def config_from_args(args: argparse.Namespace, models: list[str]) -> EvalConfig:

@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("recipe", help="report recipe YAML (see recipes/table1-zoo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override report fields, e.g. rows=[grid]")
     parser.add_argument("--out", help="report folder (default: runs/<name>)")
-    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--runs-root", default="runs", help="where the report folder goes without --out (default: runs)")
     parser.add_argument("--report-to", nargs="+", metavar="TRACKER",
                         help="experiment trackers: tensorboard, mlflow, wandb (default: none)")
     parser.add_argument("--strict", action="store_true", default=None,

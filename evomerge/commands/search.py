@@ -20,7 +20,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runs-root", default="runs", help="where new run folders go (default: runs)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir (default: the newest)")
     parser.add_argument("--force", action="store_true", help="delete an existing run folder and start over")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-generation lines")
     parser.add_argument("--report-to", nargs="+", metavar="TRACKER",
                         help="experiment trackers: tensorboard, mlflow, wandb (default: the recipe's report_to, none)")
     parser.add_argument("--strict", action="store_true", default=None,

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="build the zoo (cached) and print its card")
     build.add_argument("--out", help="explicit output folder (default: a content-addressed cache folder)")
     build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo exists")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0, help="seed of the synthetic world and of training (default 0)")
     build.add_argument("--micro", action="store_true", help="a seconds-long micro zoo for plumbing tests")
     build.add_argument("--json", action="store_true", help="print the card as JSON instead of tables")
     build.add_argument(

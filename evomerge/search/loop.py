@@ -247,15 +247,14 @@ def _genome_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 def _loop(recipe, run: RunDir, state: SearchState, proposer: Proposer, backend: EvaluationBackend, space: GenomeSpace,
           show_progress: bool, trackers=None) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from evomerge import progress
 
-    console = Console(stderr=True, quiet=not show_progress)
+    say = progress.log if show_progress else (lambda _line: None)
     planned = proposer.planned_evals()
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     started = time.perf_counter() - state.elapsed_s
-    with Progress(*columns, console=console, transient=False, disable=not show_progress) as bar:
-        task = bar.add_task(f"{recipe.name} [{recipe.search.mode}]", total=planned, completed=len(state.candidates))
+    # a bar of candidates on a terminal; elsewhere the generation lines are the steps
+    with progress.task(f"{recipe.name} [{recipe.search.mode}] candidates", total=planned,
+                       completed=len(state.candidates), plain_every=math.inf, show=show_progress) as bar:
         while True:
             reason = proposer.stop(state.generation, len(state.candidates))
             if reason:
@@ -267,7 +266,7 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer: Proposer, backend: 
                 state.stop_reason = "proposer has nothing left"
                 break
             # the whole generation at once, so a parallel backend can spread it
-            scored = backend.evaluate_many(genomes, on_result=lambda _pos: bar.advance(task))
+            scored = backend.evaluate_many(genomes, on_result=lambda _pos: bar.advance())
             roles = [proposer.role_of(pos) for pos in range(len(genomes))]
             values = proposer.tell(genomes, scored)  # the values the mode minimised
             rows = [_row(len(state.candidates) + pos, state.generation, space, genome, s, value, role)
@@ -282,12 +281,12 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer: Proposer, backend: 
             if trackers is not None:  # after the checkpoint: a tracker never holds a generation the run lacks
                 trackers.log_metrics({f"search/{k}": v for k, v in gen.items() if k != "generation"},
                                      gen["generation"])
-            console.print(_generation_line(gen))
+            say(_generation_line(gen))
     state.finished = True
     state.elapsed_s = time.perf_counter() - started
     run.save_checkpoint(state)
     run.write_tables(state, proposer.columns(state.candidates))
-    console.print(f"stopped: {state.stop_reason}")
+    say(f"stopped: {state.stop_reason}")
 
 
 def _row(index: int, generation: int, space: GenomeSpace, genome: Genome, s: Scored, value: float,

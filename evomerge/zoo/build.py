@@ -263,9 +263,14 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
             return Zoo(root, card)
         raise EvomergeError(f"{root} holds a zoo built from another config or code version; pass --force to rebuild")
 
+    from evomerge import progress
+
     torch.set_num_threads(config.threads)
-    with atomic_directory(root, overwrite=force or root.exists()) as tmp:
-        card = _build_into(config, tmp, Path(base_from) if base_from is not None else None)
+    # stages: tokenizer, pretrain, safe, one per expert, generator, guard, the card (with the merge probe)
+    with (atomic_directory(root, overwrite=force or root.exists()) as tmp,
+          progress.task("zoo build", total=6 + len(config.domains)) as stages):
+        stages.note("tokenizer")
+        card = _build_into(config, tmp, Path(base_from) if base_from is not None else None, stages)
         atomic_write_text(tmp / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return Zoo(root, card)
 
@@ -273,6 +278,8 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
 def _reused_base(config: ZooConfig, source: Path, tokenizer) -> dict[str, Any]:
     """The state dict of ``source``'s base, after checking it was pretrained as ``config`` says."""
     from safetensors.torch import load_file
+
+    from evomerge.pool import load_tokenizer
 
     card_path = source / CARD_FILE
     if not card_path.is_file():
@@ -284,21 +291,28 @@ def _reused_base(config: ZooConfig, source: Path, tokenizer) -> dict[str, Any]:
     for field in _BASE_FIELDS:
         if theirs[field] != ours[field]:
             raise EvomergeError(f"{source}: its base was pretrained with another {field} ({theirs[field]!r}, not {ours[field]!r})")
-    from evomerge.pool import load_tokenizer
-
     if load_tokenizer(source / "base").get_vocab() != tokenizer.get_vocab():
         raise EvomergeError(f"{source}: its tokenizer differs from the one this build trains (other world code)")
     return load_file(str(source / "base" / "model.safetensors"))
 
 
-def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None) -> dict[str, Any]:
+def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, stages: Any = None) -> dict[str, Any]:
+    from evomerge import progress
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    order = ["tokenizer", "pretrain", "safe", *(f"expert-{d}" for d in config.domains), "generator", "guard", "card"]
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - since, 2)
-        log.info("zoo: %s done in %.1f s", name, now - since)
+        if stages is None:
+            log.info("zoo: %s done in %.1f s", name, now - since)
+        else:
+            stages.advance(note=f"{name} done in {progress.duration(now - since)}")
+            following = order.index(name) + 1
+            if following < len(order):
+                stages.note(order[following])
         return now
 
     t = time.perf_counter()
@@ -402,6 +416,7 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None) 
     t = lap("guard", t)
     _export_data(world, config, folder / "data")
     build_seconds = round(time.perf_counter() - started, 1)
+    card_started = time.perf_counter()
 
     card = {
         "key": zoo_key(config),
@@ -415,6 +430,8 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None) 
     }
     card.update(_measure(config, world, tokenizer, guard_tokenizer, models, guard, rng))
     card["card_seconds"] = round(time.perf_counter() - started - build_seconds, 1)
+    if stages is not None:
+        stages.advance(note=f"card done in {progress.duration(time.perf_counter() - card_started)}")
     card["targets"] = check_targets(card)
     return card
 
