@@ -754,5 +754,7 @@ class RTsvm(Tsvm):
         return K.outlier_weights([t.reshape(1, -1) for t in taus], self.settings(options)).float().to(taus[0].device)
 
 
-# mergekit's other methods (DELLA, Model Stock, SCE, NuSLERP, Multi-SLERP, Karcher) register on import
-from evomerge.merge import methods_more as _methods_more  # noqa: E402,F401
+# mergekit's other methods (DELLA, Model Stock, SCE, NuSLERP, Multi-SLERP, Karcher): lazy
+# entries, registered for real when evomerge/merge/methods_more.py is first imported
+for _name in ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher"):
+    METHODS.add_lazy(_name, "evomerge.merge.methods_more:NEW_METHODS")
