@@ -15,7 +15,7 @@ from evomerge.zoo import ZooConfig, build_zoo
 from evomerge.zoo.card import SAFE_MIN_REFUSAL
 
 pytestmark = pytest.mark.slow
-LINEAR_MIX_MAX_REFUSAL = 0.5  # measured at most 21.1% on seeds 0-2 (docs/zoo.md): 29 points of margin
+LINEAR_MIX_MAX_REFUSAL = 0.5  # measured at most 32.1% on seeds 0-2 (docs/zoo.md): 17.9 points of margin
 
 
 @pytest.fixture(scope="module")
