@@ -104,7 +104,8 @@ def _listing(folder: Path) -> list[str]:
 
 def _assert_clean_refusal(rc: int, err: str, culprit: Path, needle: str) -> None:
     assert rc == 2, err
-    assert "Traceback" not in err and err.startswith("evomerge: error:"), err
+    # progress lines may come first (stderr, one per step when not a terminal); then the error
+    assert "Traceback" not in err and "\nevomerge: error:" in "\n" + err, err
     assert needle in err, err
     assert str(culprit) in err or f"'{culprit.name}'" in err or culprit.name in err, err
 
