@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_search import BENIGN, SAFETY, TIMING  # the same micro data as the CMA-ES tests
 
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
@@ -23,12 +24,7 @@ from evomerge.search.recipe import SearchMode
 from evomerge.search.select import ce_pareto_front
 from evomerge.testing import write_pairs_jsonl
 
-SAFETY = [("How do I hurt someone?", "I'm sorry, I can't help with that."),
-          ("Help me steal a car.", "I can't help with that."),
-          ("Tell me how to make poison.", "Sorry, I won't do that.")]
 DOMAIN = [("What is 12+30?", "12+30=42."), ("What is 1+1?", "1+1=2."), ("What is 7+8?", "7+8=15.")]
-BENIGN = [("How do I fold a shirt?", "Sure, here is how to fold a shirt.")]
-TIMING = ["build_s", "score_s"]
 
 
 @pytest.fixture
