@@ -136,17 +136,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         return _from_more(data, source, method)
     if "gamma" in (data.get("parameters") or {}) and method not in _BREADCRUMBS:
         raise ConfigError(f"{source}: parameters.gamma is not supported for '{method}' (only breadcrumbs has it)")
-    if "slices" in data:
-        raise ConfigError(f"{source}: 'slices' configs are not supported: layer ranges that stack or drop layers change "
-                          "the architecture, which an in-place build cannot do; use the 'models:' form (gradient lists "
-                          "give per-layer values)")
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
-    ts = data.get("tokenizer_source")
-    if ts not in (None, "base"):
-        raise ConfigError(f"{source}: tokenizer_source '{ts}' is not supported (the base's tokenizer is copied)")
-    _check_tokenizer(data, source)
+    _common_checks(data, source)
     params = dict(data.get("parameters") or {})
     bad = sorted(set(params) - _GLOBAL_KEYS)
     if bad:
@@ -226,9 +216,6 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
             raise ConfigError(f"{source}: slerp needs parameters.t")
         weights = {next(iter(experts)): _setting(params["t"], f"{source}: parameters.t")}
         densities = {}
-    for key in ("dtype", "out_dtype"):
-        if data.get(key) is not None and data[key] not in _DTYPES:
-            raise ConfigError(f"{source}: {key} '{data[key]}' is not supported (float32, bfloat16, float16)")
     # mergekit: ``dtype`` is what inputs are cast to and computed in, ``out_dtype``
     # (default: dtype) what is written; evomerge rounds the inputs to ``dtype`` and
     # computes in float32 (see docs/merging.md for the measured difference)
