@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
-from evomerge import __version__
+from evomerge import __version__, errors
 from evomerge.commands import COMMANDS
 from evomerge.errors import EvomergeError
 
@@ -81,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     configure_output(args.verbose, args.quiet)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, errors.note_interrupt) if in_main else None
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        errors.check_interrupt()  # a Ctrl-C that something swallowed still ends as one
+        return code
     except EvomergeError as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # every writer is atomic and run folders checkpoint per generation: nothing to undo
         print("evomerge: interrupted; finished work is saved (a search continues with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # None: a handler set outside Python, left as it was
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,29 @@
 
 from __future__ import annotations
 
+import threading
+
+_interrupted = threading.Event()
+
+
+def note_interrupt(signum: int, frame: object) -> None:
+    """SIGINT handler for the CLI: remember the Ctrl-C, then raise as Python's default does.
+    CPython drops an exception raised inside a finaliser or a callback ("Exception ignored
+    in ..."), so a Ctrl-C landing there would be lost and the command would run to its end;
+    long loops call :func:`check_interrupt` at their safe points."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was seen, even one that something swallowed."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    return _interrupted.is_set()
+
 
 class EvomergeError(Exception):
     """Base class: the CLI prints these without a traceback and exits non-zero."""

@@ -9,12 +9,14 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from evomerge import errors
 from evomerge.cli import main as cli_main
 from evomerge.errors import ConfigError
 from evomerge.runfolder import LOCK_FILE, FolderInUseError, FolderLock, dumps_state, loads_state
@@ -184,3 +186,17 @@ def test_ctrl_c_is_a_clean_exit_with_an_intact_checkpoint(tmp_path, micro_search
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
     assert RunDir(run).load_checkpoint().generation >= 1
+
+
+def test_a_ctrl_c_that_a_finaliser_swallows_still_stops_the_command(monkeypatch):
+    """CPython prints and drops a KeyboardInterrupt raised inside ``__del__``; the flag the
+    CLI's handler sets makes the next safe point (a generation's end) raise it again."""
+    monkeypatch.setattr(errors, "_interrupted", threading.Event())
+
+    class Finaliser:
+        def __del__(self):
+            errors.note_interrupt(signal.SIGINT, None)
+
+    Finaliser()  # collected at once: the KeyboardInterrupt is "ignored" by the interpreter
+    with pytest.raises(KeyboardInterrupt):
+        errors.check_interrupt()

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, check_interrupt
 from evomerge.io_utils import atomic_write_text
 from evomerge.merge import Genome
 from evomerge.search.backends import EvaluationBackend, make_backend
@@ -282,6 +282,7 @@ def _loop(recipe, run: RunDir, state: SearchState, proposer: Proposer, backend: 
                 trackers.log_metrics({f"search/{k}": v for k, v in gen.items() if k != "generation"},
                                      gen["generation"])
             say(_generation_line(gen))
+            check_interrupt()  # between generations: the checkpoint above is whole
     state.finished = True
     state.elapsed_s = time.perf_counter() - started
     run.save_checkpoint(state)
