@@ -166,6 +166,18 @@ def test_shipped_zoo_is_verified_and_preferred(micro_zoo, tmp_path, monkeypatch)
         zoo_build.shipped_zoo()
 
 
+def test_evomerge_zoo_names_a_built_folder(micro_zoo, tmp_path, monkeypatch):
+    """EVOMERGE_ZOO=FOLDER: every zoo: ref means that build (another seed, another machine)."""
+    monkeypatch.setenv("EVOMERGE_ZOO", str(micro_zoo.root))
+    assert zoo_build.default_zoo().root == micro_zoo.root
+    monkeypatch.setenv("EVOMERGE_ZOO", str(tmp_path))
+    with pytest.raises(EvomergeError, match=rf"EVOMERGE_ZOO={tmp_path}: no card.json there"):
+        zoo_build.default_zoo()
+    (tmp_path / "card.json").write_text("[1, 2]")
+    with pytest.raises(EvomergeError, match="not a zoo card"):
+        zoo_build.default_zoo()
+
+
 def test_no_shipped_zoo_means_none(tmp_path):
     assert zoo_build.shipped_zoo(tmp_path / "nothing") is None
 

@@ -122,13 +122,35 @@ def shipped_zoo(root: Path | None = None) -> Zoo | None:
 def default_zoo() -> Zoo:
     """The zoo ``zoo:`` refs mean: the shipped one, else the default config built (cached).
 
-    ``EVOMERGE_ZOO=build`` skips the shipped zoo, to run everything on a local build.
+    ``EVOMERGE_ZOO=build`` skips the shipped zoo, to run everything on a local build;
+    ``EVOMERGE_ZOO=FOLDER`` runs everything on a zoo built elsewhere (``build_zoo(out=...)``,
+    for example another seed of scripts/zoo_robustness.py), so the whole product can be
+    repeated on every build.
     """
-    if os.environ.get("EVOMERGE_ZOO") != "build":
-        zoo = shipped_zoo()
-        if zoo is not None:
-            return zoo
-    return build_zoo()
+    choice = os.environ.get("EVOMERGE_ZOO", "")
+    if choice == "build":
+        return build_zoo()
+    if choice:
+        return zoo_at(Path(choice))
+    zoo = shipped_zoo()
+    return zoo if zoo is not None else build_zoo()
+
+
+def zoo_at(root: Path) -> Zoo:
+    """A built zoo folder (its card, and its checksums when it has them, checked)."""
+    if not (root / CARD_FILE).is_file():
+        raise EvomergeError(f"EVOMERGE_ZOO={root}: no {CARD_FILE} there; give a folder written by a zoo build, "
+                            "or 'build' for the default build")
+    if (root / CHECKSUMS_FILE).is_file():
+        verify_checksums(root)
+    try:
+        card = json.loads((root / CARD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvomergeError(f"{root / CARD_FILE}: not a readable zoo card ({exc})") from None
+    if not isinstance(card, dict) or "config" not in card or "models" not in card:
+        raise EvomergeError(f"{root / CARD_FILE}: not a zoo card (no 'config' or 'models')")
+    card["targets"] = check_targets(card)
+    return Zoo(root, card)
 
 
 def compare_cards(built: dict[str, Any], reference: dict[str, Any]) -> list[dict[str, Any]]:
