@@ -226,6 +226,8 @@ def scratch_elements(method: str, options: MethodOptions, n_experts: int) -> tup
         return n_experts + 2, "4*(T+2)*max_numel"
     if method in ("tsvm", "r_tsvm") and getattr(options, "storage", "") == "factored":
         return 3, "4*3*max_numel"
+    if method == "breadcrumbs_ties":  # eager TIES (masked_ties): masks, |values|, sum, sign, out
+        return 2 * n_experts + 3, "4*(2T+3)*max_numel"
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         return n_experts + 1, "4*(T+1)*max_numel"
     return 1, "4*max_numel"

@@ -31,6 +31,7 @@ from evomerge.merge.methods import (
     _Base,
     _coef_tensor,
     _stack,
+    masked_ties,
     register_method,
 )
 
@@ -59,6 +60,7 @@ class DellaState:
     taus: torch.Tensor  # (T, n)
     s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept where s < d - eps
     l1: list[float]  # ||tau_k||_1
+    l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
 
 
 @register_method("della")
@@ -84,7 +86,7 @@ class Della(_Base):
         return (elem + 4) * n_experts * math.prod(shape)
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
-        return 2 * n_experts + 1, "4*(2T+1)*max_numel"
+        return 2 * n_experts + 3, "4*(2T+3)*max_numel"  # masks, |tau|, out; eager TIES: sum and sign
 
     def prepare_tensor(self, info, base, taus, options) -> DellaState:
         stack = _stack(taus, info.cache_dtype)
@@ -93,9 +95,29 @@ class Della(_Base):
             K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
             s[k].sub_(K.della_rank_fraction(stack[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return DellaState(stack, s, l1)
+        return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device))
+
+    def begin_build(self, states, candidates, groups, options, ws) -> dict[int, tuple[torch.Tensor, ...]] | None:
+        """Compiled builds: each layer group's kernel arguments, sent to the device in one copy."""
+        if not ws.compiled:
+            return None
+        dev = states[0].taus.device if states else torch.device("cpu")
+        out = {}
+        for cand in candidates:
+            thr = [math.inf if d >= 1 else -math.inf if d <= 0 else d - options.epsilon for d in cand.densities]
+            total = sum(cand.weights)
+            div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
+            row = torch.tensor([*thr, *cand.densities, *(w / div for w in cand.weights), cand.scale], dtype=torch.float32).to(dev)
+            t = len(cand.weights)
+            out[id(cand)] = (row[:t], row[t : 2 * t], row[2 * t : 3 * t], row[3 * t])
+        return out
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if ctx is not None:
+            thr, dens, factors, scale = ctx[id(cand)]
+            F.run("della", ws.compiled, dst, state.taus, base, state.s, thr, dens, factors, cand.coeffs, state.l1t, scale,
+                  self.ties, options.normalize, options.rescale)
+            return
         t, n = state.taus.shape
         keep = ws.get("keep", t * n).view(t, n)
         absb = ws.get("abs", t * n).view(t, n)
@@ -114,6 +136,9 @@ class Della(_Base):
                 f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
             num.append(cand.weights[k] * f)
         numt = torch.tensor(num, dtype=torch.float32, device=state.taus.device)
+        if self.ties and not ws.compiled:
+            masked_ties(dst, base, state.taus, keep, numt, cand.coeffs, cand.scale, options.normalize, ws)
+            return
         if self.ties:
             scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
             F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, numt)
