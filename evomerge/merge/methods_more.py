@@ -93,7 +93,8 @@ class Della(_Base):
         s = torch.empty(stack.shape, dtype=torch.float32, device=stack.device)
         for k, e in enumerate(info.expert_names):
             K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
-            s[k].sub_(K.della_rank_fraction(stack[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+            # ranks from the unrounded task vectors: a bf16 cache keeps the fp32 cache's masks
+            s[k].sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
         return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device))
 
@@ -355,7 +356,9 @@ class Nuslerp(_Base):
     def prepare_tensor(self, info, base, taus, options) -> NuslerpState:
         xs = taus if options.on_task_vectors else [base + t for t in taus]
         theta, colinear, shape2d = nuslerp_angles(xs[0].view(info.shape), xs[1].view(info.shape), options.row_wise, options.flatten, options.eps)
-        return NuslerpState(_stack(xs, info.cache_dtype), theta, colinear, shape2d)
+        # the task vectors are stored either way (the models are base + tau): the same numbers
+        # in a bf16 cache as in an fp32 one wherever the task vectors are bf16-exact
+        return NuslerpState(_stack(taus, info.cache_dtype), theta, colinear, shape2d)
 
     @staticmethod
     def coefficients(t: float, theta: torch.Tensor, colinear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,14 +370,19 @@ class Nuslerp(_Base):
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         a, b = self.coefficients(nuslerp_t(cand.weights), state.theta, state.colinear)
         lam = cand.scale
-        beta = 1.0 if options.on_task_vectors else 1.0 - lam
+        # on the models: theta0 + lam * (a (theta0 + tau0) + b (theta0 + tau1) - theta0)
+        on_models = not options.on_task_vectors
         if state.theta.numel() == 1:
+            beta = 1.0 + lam * float(a + b - 1) if on_models else 1.0
             _affine(base, state.x, torch.cat([a.reshape(1), b.reshape(1)]) * lam, dst, ws, beta=beta)
             return
         dv = dst.view(state.shape2d)
         torch.mul(state.x[0].view(state.shape2d), a * lam, out=dv)
         dv.addcmul_(state.x[1].view(state.shape2d), b * lam)
-        dst.add_(base, alpha=beta)
+        if on_models:
+            dv.addcmul_(base.view(state.shape2d), 1.0 + lam * (a + b - 1))
+        else:
+            dst.add_(base)
 
 
 # --------------------------------------------------------------------------- Multi-SLERP
@@ -417,7 +425,8 @@ class Multislerp(_Base):
         norms = torch.norm(flat, dim=-1)
         units = flat / (norms[:, None] + options.eps)
         gram = (units.double() @ units.double().t())
-        return MultislerpState(flat.to(info.cache_dtype), norms.double(), gram, info.name)
+        # task vectors stored either way (the models are base + tau), as nuslerp
+        return MultislerpState(_stack(taus, info.cache_dtype), norms.double(), gram, info.name)
 
     def alphas(self, state: MultislerpState, weights: list[float], options: Any) -> list[float]:
         t = len(weights)
@@ -437,7 +446,7 @@ class Multislerp(_Base):
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         coef = _coef_tensor(self.alphas(state, cand.weights, options), base)
-        beta = 1.0 if options.on_task_vectors else 1.0 - cand.scale
+        beta = 1.0 if options.on_task_vectors else 1.0 + cand.scale * (float(coef.sum()) - 1.0)
         _affine(base, state.x, coef * cand.scale, dst, ws, beta=beta)
 
 
