@@ -31,8 +31,9 @@ MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", 
 SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
-    "passthrough": "slices that stack or drop layers change the architecture, which an in-place build into a live "
-                   "model cannot do, and a one-model copy (with scale filters) has nothing to merge or search",
+    "passthrough": "slices that stack, drop or reorder layers change the architecture (a new layer count), which "
+                   "an in-place build into a live model cannot do and a search cannot move, and a one-model copy "
+                   "(with scale filters) has nothing to merge; use mergekit for it",
     "arcee_fusion": "not implemented yet (importance-masked fusion of two models)",
     "nearswap": "not implemented yet (similarity-thresholded interpolation of two models)",
     "ram": "not implemented yet (reinforced agent merging)",
@@ -191,6 +192,8 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
         return None, f"mergekit has no '{recipe.method}' method"
     if recipe.method == "ties" and opts.variant != "mergekit":  # type: ignore[attr-defined]
         return None, "the original-paper TIES variant (global top-k) has no mergekit equivalent"
+    if genome.filters:
+        return None, "filter classes are not exported yet (mergekit would need 'filter:' values)"
     if genome.n_groups != 1:
         return None, "per-layer-group genomes are not exported (mergekit would need slices)"
     if recipe.method in ("linear", "slerp") and genome.scale != 1.0:
