@@ -2,6 +2,7 @@
 fraction of a plain torch copy of the same bytes.
 
     PYTHONPATH=. nice -n 19 python benchmarks/bench_build.py [--hidden 512 --layers 4 --experts 3 --threads 1]
+    PYTHONPATH=. nice -n 19 python benchmarks/bench_build.py --new     # della ... breadcrumbs: the ">= 50% of copy" bar
 
 Bytes of one cached build = 4*P*(T+2) for TA-like methods (read base + T cached deltas,
 write the output), the same count used for the copy baseline.
@@ -36,7 +37,12 @@ METHODS = {
     "nuslerp (rows)": {"flatten": False},
     "multislerp": {},
     "karcher": {},
+    "breadcrumbs": {},
+    "breadcrumbs_ties": {},
 }
+# the issue's bar: a cached build of each of these at >= 50% of plain-copy throughput
+NEW = ["task_arithmetic", "della", "della_linear", "model_stock", "model_stock (filter_wise)", "sce", "nuslerp",
+       "nuslerp (rows)", "multislerp", "karcher", "breadcrumbs", "breadcrumbs_ties"]
 EXPERTS = {"slerp": 1, "nuslerp": 2}  # methods that take a fixed number of experts
 
 
@@ -51,7 +57,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--skip-uncached", nargs="*", default=[], help="methods whose uncached timing is skipped")
+    ap.add_argument("--new", action="store_true", help="the mergekit methods of issue #15 (with task_arithmetic as a "
+                    "reference), cached builds only: prints each one's fraction of plain-copy throughput")
     args = ap.parse_args()
+    if args.new:
+        args.methods, args.skip_uncached = NEW, [m.split(" ")[0] for m in NEW]
     torch.set_num_threads(args.threads)
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
     params = sum(torch.Size(s).numel() for s in shapes.values())

@@ -1,4 +1,4 @@
-"""The torch.compile'd TIES/DARE kernels agree with the eager ones and the uncached reference.
+"""The torch.compile'd TIES/DARE/DELLA kernels agree with the eager ones and the uncached reference.
 
 Slow: the first compile takes 10-30 s on a small CPU.
 """
@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize(
     "method,options",
-    [("ties", {}), ("ties", {"density_grid": None, "normalize": False}), ("dare_ties", {"rescale": "l1"}), ("dare_linear", {"normalize": True})],
+    [("ties", {}), ("ties", {"density_grid": None, "normalize": False}), ("dare_ties", {"rescale": "l1"}), ("dare_linear", {"normalize": True}),
+     ("della", {}), ("della", {"normalize": False, "rescale": False, "epsilon": 0.05}), ("della_linear", {"normalize": True}),
+     ("breadcrumbs_ties", {"normalize": True, "rescale": True})],
 )
 def test_compiled_kernels_match_reference(method, options):
     torch.set_num_threads(1)

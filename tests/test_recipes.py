@@ -121,8 +121,77 @@ def test_mergekit_gradient_lists_become_a_per_module_genome(micro_pool):
     assert g.densities["expert_b"][1] == 1.0 and g.densities["expert_b"][-2] == pytest.approx(0.2)
     assert gradient_value((0, 0.5, 1), 0.75) == 0.75 and gradient_value((0, 1, 0), 0.25) == 0.5
     cfg["models"][0]["parameters"]["weight"] = [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}]
-    with pytest.raises(ConfigError, match="'filter:' values are not supported"):
+    cfg["models"][1]["parameters"]["density"] = 0.2
+    cfg["base_model"] = "org/not-a-folder"
+    with pytest.raises(ConfigError, match="'filter:' values need a local base_model folder"):
         from_mergekit(cfg)
+
+
+def _row_of(genome, name: str, num_layers: int) -> int:
+    from evomerge.merge.cache import genome_group
+
+    return genome_group(name, genome, num_layers)
+
+
+def test_mergekit_filter_values_by_hand(micro_pool):
+    """mergekit: the first filter that is a substring of the tensor name wins, the entry
+    without a filter takes the rest (layer norms included), per model and parameter."""
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    cfg = {"merge_method": "ties", "base_model": str(micro_pool["base"]),
+           "models": [{"model": str(micro_pool["expert_a"]), "parameters": {
+                          "weight": [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.7}, {"value": 0.5}],
+                          "density": 0.5}},
+                      {"model": str(micro_pool["expert_b"]), "parameters": {
+                          "weight": 0.4, "density": [{"filter": "mlp", "value": 0.2}]}}],
+           "parameters": {"density": 0.9}}  # expert_b's density outside the MLPs falls through to here
+    recipe = from_mergekit(cfg)
+    spec = recipe.genome
+    assert spec.filters == ["self_attn", "mlp"] and spec.modules is False
+    assert spec.weights == {"expert_a": [0.3, 0.7, 0.5], "expert_b": [0.4, 0.4, 0.4]}
+    assert spec.densities == {"expert_a": [0.5, 0.5, 0.5], "expert_b": [0.9, 0.2, 0.9]}
+    g = spec.to_genome(list(recipe.experts))
+    want = {"model.layers.1.self_attn.q_proj.weight": (0.3, 0.9), "model.layers.0.mlp.down_proj.weight": (0.7, 0.2),
+            "model.layers.0.input_layernorm.weight": (0.5, 0.9), "model.layers.1.post_attention_layernorm.weight": (0.5, 0.9),
+            "model.embed_tokens.weight": (0.5, 0.9), "lm_head.weight": (0.5, 0.9), "model.norm.weight": (0.5, 0.9)}
+    for name, (wa, db) in want.items():
+        row = _row_of(g, name, 2)
+        assert (g.weights[row][0], g.densities[row][1]) == (wa, db), name
+
+
+def test_mergekit_filtered_gradients_and_refused_orders(micro_pool):
+    import json
+
+    from evomerge.errors import ConfigError
+    from evomerge.merge.mergekit_compat import from_mergekit
+
+    n = json.loads((micro_pool["base"] / "config.json").read_text())["num_hidden_layers"]
+    cfg = {"merge_method": "linear", "models": [
+        {"model": str(micro_pool["expert_a"]), "parameters": {"weight": [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}]}},
+        {"model": str(micro_pool["expert_b"]), "parameters": {"weight": 1.0}}]}
+    recipe = from_mergekit(cfg)
+    g = recipe.genome.to_genome(list(recipe.experts))
+    assert g.modules and g.filters == ("self_attn",) and g.n_slots == 2 * n + 2
+    for i in range(n):  # layer i's attention projections at t = i / (n - 1); its norms take the default
+        assert g.weights[_row_of(g, f"model.layers.{i}.self_attn.o_proj.weight", n)][0] == pytest.approx(i / (n - 1))
+        assert g.weights[_row_of(g, f"model.layers.{i}.input_layernorm.weight", n)][0] == 0.5
+    # opposite orders of nested filters: every MLP tensor name contains 'proj', so 'mlp' goes first
+    cfg["models"][0]["parameters"]["weight"] = [{"filter": "proj", "value": 1}, {"filter": "mlp", "value": 2}, {"value": 0}]
+    cfg["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 3}, {"filter": "proj", "value": 4}, {"value": 0}]
+    recipe = from_mergekit(cfg, "cfg.yml")
+    g = recipe.genome.to_genome(list(recipe.experts))
+    assert g.filters == ("mlp", "proj") and not g.modules
+    assert g.weights[_row_of(g, "model.layers.0.mlp.up_proj.weight", n)] == (1.0, 3.0)
+    assert g.weights[_row_of(g, "model.layers.0.self_attn.q_proj.weight", n)] == (1.0, 4.0)
+    assert g.weights[_row_of(g, "model.norm.weight", n)] == (0.0, 0.0)
+    # overlapping filters, neither inside the other, in opposite orders: no one order fits both
+    cfg["models"][0]["parameters"]["weight"] = [{"filter": "layers.0.", "value": 1}, {"filter": "mlp", "value": 2}, {"value": 0}]
+    cfg["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 3}, {"filter": "layers.0.", "value": 4}, {"value": 0}]
+    with pytest.raises(ConfigError, match=r"cfg.yml: models\[1\].parameters.weight: tensors .* one order everywhere"):
+        from_mergekit(cfg, "cfg.yml")
+    cfg["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 3}]  # nothing for the rest: mergekit requires one
+    with pytest.raises(ConfigError, match=r"models\[1\] \(.*\) has no 'weight' for tensor 'model.layers.0.input_layernorm.weight'"):
+        from_mergekit(cfg, "cfg.yml")
 
 
 def test_real_recipes_fit_together(gpu_recipes_validate):

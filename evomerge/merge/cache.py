@@ -20,7 +20,7 @@ import torch
 
 from evomerge.errors import EvomergeError, check_device
 from evomerge.merge.fused import fused_enabled
-from evomerge.merge.genome import Genome
+from evomerge.merge.genome import Genome, filter_class
 from evomerge.merge.methods import Candidate, MergeMethod, MethodOptions, TensorInfo, get_method, parse_options
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,27 @@ def layer_of(name: str) -> int:
     return PRE if "embed" in name else POST
 
 
+def is_attention(name: str) -> bool:
+    """Whether a decoder-layer tensor belongs to its attention block (else its MLP block)."""
+    return bool(_ATTENTION.search(name))
+
+
+def genome_group(name: str, genome: Genome, num_layers: int) -> int:
+    """The genome row a tensor reads: its slot (layer block, or module with ``modules``;
+    embeddings the first, final norm and lm_head the last), then its filter class.
+    The one place that maps tensors to rows (build, the uncached reference, --explain)."""
+    slots, layer = genome.n_slots, layer_of(name)
+    if layer == PRE:
+        slot = 0
+    elif layer == POST:
+        slot = slots - 1
+    elif genome.modules:
+        slot = 1 + 2 * layer + (0 if is_attention(name) else 1)
+    else:
+        slot = min(slots - 1, layer * slots // num_layers)
+    return slot * (len(genome.filters) + 1) + filter_class(name, genome.filters)
+
+
 # --------------------------------------------------------------------------- workspace
 class Workspace:
     """Named scratch buffers that grow to the largest tensor once and are then reused."""
@@ -205,6 +226,8 @@ def scratch_elements(method: str, options: MethodOptions, n_experts: int) -> tup
         return n_experts + 2, "4*(T+2)*max_numel"
     if method in ("tsvm", "r_tsvm") and getattr(options, "storage", "") == "factored":
         return 3, "4*3*max_numel"
+    if method == "breadcrumbs_ties":  # eager TIES (masked_ties): masks, |values|, sum, sign, out
+        return 2 * n_experts + 3, "4*(2T+3)*max_numel"
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         return n_experts + 1, "4*(T+1)*max_numel"
     return 1, "4*max_numel"
@@ -321,27 +344,19 @@ class MergeCache:
 
         return sum(size(p.base) + size(p.state) for p in self.plans)
 
-    def group_of(self, plan: TensorPlan, n_groups: int, modules: bool = False) -> int:
-        if plan.layer == PRE:
-            return 0
-        if plan.layer == POST:
-            return n_groups - 1
-        if modules:
-            return 1 + 2 * plan.layer + (0 if _ATTENTION.search(plan.name) else 1)
-        return min(n_groups - 1, plan.layer * n_groups // self.num_layers)
-
     def candidates(self, genome: Genome) -> list[Candidate]:
         if genome.n_experts != self.n_experts:
             raise MergeBuildError(
                 f"genome has {genome.n_experts} experts per group, the cache has {self.n_experts} ({self.expert_names})"
             )
-        if genome.modules and genome.n_groups != 2 * self.num_layers + 2:
+        per = f" per filter class ({len(genome.filters) + 1})" if genome.filters else ""
+        if genome.modules and genome.n_slots != 2 * self.num_layers + 2:
             raise MergeBuildError(
-                f"a per-module genome needs {2 * self.num_layers + 2} groups for {self.num_layers} layers "
-                f"(embeddings, attention and MLP of each layer, head); it has {genome.n_groups}"
+                f"a per-module genome needs {2 * self.num_layers + 2} groups{per} for {self.num_layers} layers "
+                f"(embeddings, attention and MLP of each layer, head); it has {genome.n_slots}"
             )
-        if not genome.modules and genome.n_groups > self.num_layers:
-            raise MergeBuildError(f"genome has {genome.n_groups} layer groups but the model has {self.num_layers} layers")
+        if not genome.modules and genome.n_slots > self.num_layers:
+            raise MergeBuildError(f"genome has {genome.n_slots} layer groups{per} but the model has {self.num_layers} layers")
         if self.impl.uses_density and genome.densities is None:
             raise MergeBuildError(f"method '{self.method}' needs densities in the genome")
         out = []
@@ -481,7 +496,7 @@ def build(cache: MergeCache, genome: Genome, out: Any = None, dtype: torch.dtype
     dests, pass_dests = _targets(cache, out)
     cast_in_kernel = _casts_in_kernel(cache)
     cands = cache.candidates(genome)
-    groups = [cache.group_of(p, genome.n_groups, genome.modules) for p in cache.plans]
+    groups = [genome_group(p.name, genome, cache.num_layers) for p in cache.plans]
     impl, opts, ws = cache.impl, cache.options, cache.workspace
     with torch.no_grad():
         ctx = impl.begin_build([p.state for p in cache.plans], cands, groups, opts, ws)

@@ -56,6 +56,11 @@ class Genome:
     # MLP of the last layer, final norm + lm_head], 2 * num_layers + 2 in all, since
     # skills and safety need not sit in the same kind of module.
     modules: bool = False
+    # mergekit's ``filter:`` values: each group above is split into ``len(filters) + 1``
+    # classes, a tensor going to the first filter that is a substring of its name, or to
+    # the last class (mergekit's entry without a filter). Rows run slot-major:
+    # ``group = slot * (len(filters) + 1) + class``.
+    filters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.weights[0])
@@ -69,6 +74,17 @@ class Genome:
             object.__setattr__(self, "densities", dens)
         if not math.isfinite(self.scale):
             raise ConfigError(f"genome scale must be finite, got {self.scale}")
+        object.__setattr__(self, "filters", tuple(self.filters))
+        if any(not isinstance(f, str) or not f for f in self.filters) or len(set(self.filters)) != len(self.filters):
+            raise ConfigError(f"genome filters must be distinct non-empty strings, got {list(self.filters)}")
+        if len(self.weights) % (len(self.filters) + 1):
+            raise ConfigError(f"genome has {len(self.weights)} groups, not a multiple of {len(self.filters) + 1} "
+                              f"(one per filter {list(self.filters)} plus the default)")
+
+    @property
+    def n_slots(self) -> int:
+        """Layer groups (or module groups) before the split by filter."""
+        return len(self.weights) // (len(self.filters) + 1)
 
     @property
     def n_experts(self) -> int:
@@ -96,6 +112,7 @@ class Genome:
         scale: float = 1.0,
         expert_names: Sequence[str] | None = None,
         modules: bool = False,
+        filters: Sequence[str] = (),
     ) -> Genome:
         """Build from scalars, lists, nested lists or ``{expert: value}`` mappings."""
 
@@ -135,7 +152,7 @@ class Genome:
                 dens = dens * len(rows)
             elif len(rows) == 1 and len(dens) > 1:  # one weight row shared by every group
                 rows = rows * len(dens)
-        return cls(rows, dens, float(scale), modules)
+        return cls(rows, dens, float(scale), modules, tuple(filters))
 
     def to_dict(self, expert_names: Sequence[str]) -> dict[str, Any]:
         """Plain YAML-friendly form keyed by expert name (inverse of :meth:`from_values`)."""
@@ -151,4 +168,15 @@ class Genome:
         out["scale"] = self.scale
         if self.modules:
             out["modules"] = True
+        if self.filters:
+            out["filters"] = list(self.filters)
         return out
+
+
+def filter_class(name: str, filters: Sequence[str]) -> int:
+    """Index of the first filter contained in ``name`` (mergekit: first match wins), else
+    ``len(filters)``, the class of mergekit's entry without a filter."""
+    for i, f in enumerate(filters):
+        if f in name:
+            return i
+    return len(filters)

@@ -3,8 +3,9 @@
 Semantics follow mergekit 0.1.5 (docs/merging.md): per-model ``weight``
 and ``density``, method defaults for ``normalize`` (ties/linear: true), ``rescale``
 (DARE: true, which mergekit implements as an L1-norm-matching rescale) and ``lambda``.
-Only the plain ``models:`` form with scalar parameters is accepted; anything else is
-refused by name rather than merged differently.
+Scalars, gradient lists, ``filter:`` values and ``slices:`` that merge the same layers of
+every model are read into a genome (``mergekit_settings.py``); anything else is refused
+by name rather than merged differently.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.merge.genome import Genome
-from evomerge.merge.recipe import GenomeSpec, MergeRecipe
+from evomerge.merge.mergekit_settings import Inputs, genome_spec, gradient_value, leaves, read_inputs, scalar
+from evomerge.merge.recipe import MergeRecipe
 
 log = logging.getLogger(__name__)
+__all__ = ["from_mergekit", "gradient_value", "is_mergekit_config", "to_mergekit"]
 
 EXPORTABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
 # read from mergekit configs by _from_more(); not yet written back as mergekit YAML
@@ -28,8 +31,9 @@ MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", 
 SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
-    "passthrough": "slices that stack or drop layers change the architecture, which an in-place build into a live "
-                   "model cannot do, and a one-model copy (with scale filters) has nothing to merge or search",
+    "passthrough": "slices that stack, drop or reorder layers change the architecture (a new layer count), which "
+                   "an in-place build into a live model cannot do and a search cannot move, and a one-model copy "
+                   "(with scale filters) has nothing to merge; use mergekit for it",
     "arcee_fusion": "not implemented yet (importance-masked fusion of two models)",
     "nearswap": "not implemented yet (similarity-thresholded interpolation of two models)",
     "ram": "not implemented yet (reinforced agent merging)",
@@ -37,7 +41,7 @@ REFUSED = {
 }
 _GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density", "gamma"}
 _BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
-_TOP_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
+_TOP_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
@@ -45,74 +49,10 @@ def is_mergekit_config(data: Any) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
-def _scalar(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            raise ConfigError(f"{where}: 'filter:' values are not supported: evomerge's per-module genome groups each "
-                              "layer's norms with its attention / MLP block, where mergekit gives them the catch-all value")
-        raise ConfigError(f"{where}: only scalar values are supported here (got {value!r})")
-    return float(value)
-
-
-def _setting(value: Any, where: str) -> float | tuple[float, ...]:
-    """A scalar, or a gradient list of numbers (interpolated across the layers, as mergekit)."""
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return tuple(float(v) for v in value)
-    return _scalar(value, where)
-
-
-def gradient_value(values: tuple[float, ...], t: float) -> float:
-    """mergekit's gradient at ``t`` in [0, 1]: piecewise-linear between equally spaced anchors."""
-    scaled = t * (len(values) - 1)
-    i0 = int(scaled)
-    i1 = min(len(values) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * values[i0] + frac * values[i1]
-
-
-def _layer_count(base: str, source: str) -> int:
-    cfg = Path(base) / "config.json"
-    try:
-        import json
-
-        n = json.loads(cfg.read_text()).get("num_hidden_layers")
-    except (OSError, ValueError):
-        n = None
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{source}: gradient lists need the base model's layer count (num_hidden_layers in a local "
-                          f"base_model folder's config.json; {cfg} has none)")
-    return n
-
-
-def _expand_gradients(values: dict[str, Any], n_layers: int) -> dict[str, Any]:
-    """Per-module genome rows [embeddings, attn 0, mlp 0, ..., head] for every value.
-
-    mergekit evaluates a gradient at ``t = i / (L - 1)`` for layer ``i`` (``t = 1`` for a
-    single layer) and at ``t = 0`` for the embeddings and for the final norm and lm_head.
-    """
-    ts = [i / (n_layers - 1) if n_layers > 1 else 1.0 for i in range(n_layers)]
-    out: dict[str, Any] = {}
-    for name, v in values.items():
-        g = v if isinstance(v, tuple) else (v,)
-        rows = [gradient_value(g, 0.0)]
-        for t in ts:
-            rows += [gradient_value(g, t)] * 2
-        out[name] = rows + [gradient_value(g, 0.0)]
-    return out
-
-
-def _genome(weights: dict[str, Any], densities: dict[str, Any], scale: float, base: str, source: str) -> GenomeSpec:
-    if any(isinstance(v, tuple) for v in [*weights.values(), *densities.values()]):
-        n = _layer_count(base, source)
-        return GenomeSpec(weights=_expand_gradients(weights, n), densities=_expand_gradients(densities, n) if densities else None,
-                          scale=scale, modules=True)
-    return GenomeSpec(weights=weights, densities=densities or None, scale=scale)
-
-
-def _check_density(d: float | tuple[float, ...], where: str) -> None:
-    for v in d if isinstance(d, tuple) else (d,):
+def _check_density(chains: list[list[tuple[Any, str]]], source: str, label: str) -> None:
+    for v, where in leaves(chains):
         if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"{where} = {v:g} must lie in [0, 1] (the kept fraction of the task vector)")
+            raise ConfigError(f"{source}: {where} ({label}) = {v:g} must lie in [0, 1] (the kept fraction of the task vector)")
 
 
 def _name_for(ref: str, taken: set[str]) -> str:
@@ -122,6 +62,11 @@ def _name_for(ref: str, taken: set[str]) -> str:
         name, i = f"{stem}_{i}", i + 1
     taken.add(name)
     return name
+
+
+def _label(inp: Inputs, k: int) -> str:
+    """How an error names a model: its first entry (``models[1]``, ``slices[0].sources[1]``) and ref."""
+    return f"{inp.inputs[k].where[0].removesuffix('.parameters')} ({inp.inputs[k].ref})"
 
 
 def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> MergeRecipe:
@@ -141,47 +86,37 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     bad = sorted(set(params) - _GLOBAL_KEYS)
     if bad:
         raise ConfigError(f"{source}: parameters.{bad[0]} is not supported")
-    models = data.get("models") or []
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{source}: 'models' must be a non-empty list")
-    base = data.get("base_model")
-    if isinstance(base, dict):
-        base = base.get("model")
+    per_model = {"weight", "density", "gamma"} if method in _BREADCRUMBS else {"weight", "density"}
+    inp = read_inputs(data, source, per_model, method, shared={"t"} if method == "slerp" else set())
+    base = inp.base
     if base is None and method != "linear":
         raise ConfigError(f"{source}: merge_method '{method}' needs base_model")
 
     experts: dict[str, str] = {}
-    weights: dict[str, float] = {}
-    densities: dict[str, float] = {}
+    weights: dict[str, Any] = {}
+    densities: dict[str, Any] = {}
+    labels: dict[str, str] = {}
     gammas: dict[str, float] = {}
     taken: set[str] = set()
-    for i, entry in enumerate(models):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{source}: models[{i}] needs a 'model' field")
-        ref = entry["model"]
-        ref = ref.get("model") if isinstance(ref, dict) else str(ref)
-        p = dict(entry.get("parameters") or {})
-        extra = sorted(set(p) - ({"weight", "density", "gamma"} if method in _BREADCRUMBS else {"weight", "density"}))
-        if extra:
-            raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported")
-        if method != "linear" and ref == base:
+    for k, entry in enumerate(inp.inputs):
+        if method != "linear" and entry.ref == base:
             continue  # mergekit gives the base no parameters for these methods
-        name = _name_for(ref, taken)
-        experts[name] = ref
+        name = _name_for(entry.ref, taken)
+        experts[name], labels[name] = entry.ref, _label(inp, k)
         if method == "slerp":
             continue
-        w = p.get("weight", params.get("weight"))
-        if w is None:
-            raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one)")
-        weights[name] = _setting(w, f"{source}: models[{i}].parameters.weight")
+        weights[name] = inp.chains(k, "weight", params)
         if method in _BREADCRUMBS:
-            gammas[name] = _scalar(p.get("gamma", params.get("gamma", 0.01)), f"{source}: models[{i}].parameters.gamma")
-        densities[name] = _setting(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
-        _check_density(densities[name], f"{source}: models[{i}].parameters.density ({ref})")
+            found = inp.statics(k, "gamma", params, 0.01, source)
+            if len(found) > 1:
+                raise ConfigError(f"{source}: {labels[name]}: gamma differs between slices ({sorted(found)}); evomerge's "
+                                  "breadcrumbs takes one gamma for all models (a static option, not a searched gene)")
+            gammas[name] = found.pop()
+        densities[name] = inp.chains(k, "density", params)
+        _check_density(densities[name], source, entry.ref)
     if base is None:  # linear without base: any input can be the reference; it gets tau = 0
         base = next(iter(experts.values()))
+        inp.base = base
     if not experts:
         raise ConfigError(f"{source}: no models besides the base_model")
 
@@ -204,7 +139,7 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
         options = {"normalize": bool(params.get("normalize", False)), "rescale": bool(params.get("rescale", False)), "gamma": gamma}
     elif method == "linear":
         options = {"normalize": bool(params.get("normalize", True))}
-    scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
+    scale = scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
     if method in ("linear", "slerp") and "lambda" in params:
         # mergekit's linear and slerp take no lambda and drop it unread; do the same, aloud
         log.warning("%s: parameters.lambda is ignored: mergekit's %s has no lambda (it would not scale the merge)", source, method)
@@ -212,16 +147,18 @@ def from_mergekit(data: dict[str, Any], source: str = "mergekit config") -> Merg
     if method == "slerp":
         if len(experts) != 1:
             raise ConfigError(f"{source}: slerp needs base_model plus exactly one other model, got {len(experts)}")
-        if "t" not in params:
+        t = inp.chains(None, "t", params)  # mergekit's t is shared: the slice's, then the top-level one
+        if not all(t):
             raise ConfigError(f"{source}: slerp needs parameters.t")
-        weights = {next(iter(experts)): _setting(params["t"], f"{source}: parameters.t")}
+        weights = {next(iter(experts)): t}
         densities = {}
     # mergekit: ``dtype`` is what inputs are cast to and computed in, ``out_dtype``
     # (default: dtype) what is written; evomerge rounds the inputs to ``dtype`` and
     # computes in float32 (see docs/merging.md for the measured difference)
     compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
     out = data.get("out_dtype") or data.get("dtype")
-    genome = _genome(weights, densities, scale, str(base), source)
+    genome = genome_spec(inp, source, scale, {"weights": weights, "densities": densities},
+                         {"weights": None, "densities": 1.0}, labels)
     return MergeRecipe(
         base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
         compute_dtype=None if compute == "float32" else compute, genome=genome,
@@ -255,6 +192,8 @@ def to_mergekit(recipe: MergeRecipe, genome: Genome) -> tuple[str | None, str]:
         return None, f"mergekit has no '{recipe.method}' method"
     if recipe.method == "ties" and opts.variant != "mergekit":  # type: ignore[attr-defined]
         return None, "the original-paper TIES variant (global top-k) has no mergekit equivalent"
+    if genome.filters:
+        return None, "filter classes are not exported yet (mergekit would need 'filter:' values)"
     if genome.n_groups != 1:
         return None, "per-layer-group genomes are not exported (mergekit would need slices)"
     if recipe.method in ("linear", "slerp") and genome.scale != 1.0:
@@ -322,10 +261,6 @@ _MORE_SPEC: dict[str, dict[str, Any]] = {
 
 
 def _common_checks(data: dict[str, Any], source: str) -> None:
-    if "slices" in data:
-        raise ConfigError(f"{source}: 'slices' configs are not supported: layer ranges that stack or drop layers change "
-                          "the architecture, which an in-place build cannot do; use the 'models:' form (gradient lists "
-                          "give per-layer values)")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unsupported top-level field '{unknown[0]}'")
@@ -347,68 +282,53 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
     bad = sorted(set(params) - shared_keys - spec["per_model"])
     if bad:
         raise ConfigError(f"{source}: parameters.{bad[0]} is not supported for '{method}'")
-    models = data.get("models") or []
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{source}: merge_method '{method}': 'models' must be a non-empty list")
-    base = data.get("base_model")
-    if isinstance(base, dict):
-        base = base.get("model")
+    inp = read_inputs(data, source, spec["per_model"], method)
+    base = inp.base
     if base is None and spec["base"]:
         raise ConfigError(f"{source}: merge_method '{method}' needs base_model")
-    refs, per = [], []
-    for i, entry in enumerate(models):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{source}: models[{i}] needs a 'model' field")
-        ref = entry["model"]
-        ref = ref.get("model") if isinstance(ref, dict) else str(ref)
-        p = dict(entry.get("parameters") or {})
-        extra = sorted(set(p) - spec["per_model"])
-        if extra:
-            raise ConfigError(f"{source}: models[{i}] ({ref}): parameter '{extra[0]}' is not supported for '{method}'")
-        if ref == base:
-            continue  # the base is an input of its own (karcher includes it in the mean)
-        refs.append(ref)
-        per.append((i, p))
+    ks = [k for k, entry in enumerate(inp.inputs) if entry.ref != base]  # the base is an input of its own
     no_base = base is None
     if no_base and method == "karcher":
-        base, refs, per = refs[0], refs[1:], per[1:]
+        base, ks = inp.inputs[ks[0]].ref, ks[1:]
     elif no_base:
-        base = refs[0]  # nuslerp / multislerp on the models themselves: the first one is the reference, tau = 0
-    if not refs:
+        base = inp.inputs[ks[0]].ref  # nuslerp / multislerp on the models themselves: the first one is the reference, tau = 0
+    inp.base = base
+    if not ks:
         raise ConfigError(f"{source}: no models besides the base_model")
-    if method == "nuslerp" and len(refs) != 2:
-        raise ConfigError(f"{source}: nuslerp needs exactly two models besides the base_model, got {len(refs)}")
-    if method == "model_stock" and len(refs) < 2:
-        raise ConfigError(f"{source}: model_stock needs base_model plus at least two other models, got {len(refs)}")
+    if method == "nuslerp" and len(ks) != 2:
+        raise ConfigError(f"{source}: nuslerp needs exactly two models besides the base_model, got {len(ks)}")
+    if method == "model_stock" and len(ks) < 2:
+        raise ConfigError(f"{source}: model_stock needs base_model plus at least two other models, got {len(ks)}")
 
     taken: set[str] = set()
     experts: dict[str, str] = {}
-    weights: dict[str, float] = {}
-    densities: dict[str, float] = {}
+    weights: dict[str, Any] = {}
+    densities: dict[str, Any] = {}
+    labels: dict[str, str] = {}
     eps_values: dict[str, float] = {}
-    for ref, (i, p) in zip(refs, per):
+    for k in ks:
+        ref = inp.inputs[k].ref
         name = _name_for(ref, taken)
-        experts[name] = ref
+        experts[name], labels[name] = ref, _label(inp, k)
         if not spec["weights"]:
             continue
-        w = p.get("weight", params.get("weight"))
-        if w is None:
-            raise ConfigError(f"{source}: models[{i}] ({ref}) has no 'weight' (mergekit requires one for {method})")
-        weights[name] = _setting(w, f"{source}: models[{i}].parameters.weight")
+        weights[name] = inp.chains(k, "weight", params)
         if method in ("della", "della_linear"):
-            d = _setting(p.get("density", params.get("density", 1.0)), f"{source}: models[{i}].parameters.density")
-            e = _scalar(p.get("epsilon", params.get("epsilon", 0.15)), f"{source}: models[{i}].parameters.epsilon")
-            _check_density(d, f"{source}: models[{i}].parameters.density ({ref})")
-            for dv in d if isinstance(d, tuple) else (d,):
+            d = inp.chains(k, "density", params)
+            _check_density(d, source, ref)
+            found = inp.statics(k, "epsilon", params, 0.15, source)
+            if len(found) > 1:
+                raise ConfigError(f"{source}: {labels[name]}: epsilon differs between slices ({sorted(found)}); evomerge's "
+                                  "della takes one epsilon for all models (a static option, not a searched gene)")
+            e = found.pop()
+            for dv, where in leaves(d) or [(1.0, "density")]:
                 if 0 < dv < 1 and not (0 < dv - e and dv + e < 1):
-                    raise ConfigError(f"{source}: models[{i}] ({ref}): density {dv:g} +/- epsilon {e:g} must lie in "
+                    raise ConfigError(f"{source}: {where} ({ref}): density {dv:g} +/- epsilon {e:g} must lie in "
                                       "(0, 1) (mergekit refuses it too)")
             densities[name], eps_values[name] = d, e
     if not spec["weights"]:
-        ignored = [i for i, p in per if "weight" in p] or (["parameters"] if "weight" in params else [])
-        if ignored:
+        written = any("weight" in p for k in ks for p in inp.inputs[k].params) or "weight" in params
+        if written or any("weight" in sp for sp in inp.slice_params):
             log.warning("%s: the models' weights are ignored: mergekit's %s takes none", source, method)
         default = 1.0 if method == "sce" else 1.0 / len(experts)
         weights = {n: default for n in experts}
@@ -421,9 +341,9 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
             if not isinstance(value, bool):
                 raise ConfigError(f"{source}: parameters.{mk_key} must be true or false, got {value!r}")
         elif isinstance(default, int):
-            value = int(_scalar(value, f"{source}: parameters.{mk_key}"))
+            value = int(scalar(value, f"{source}: parameters.{mk_key}"))
         else:
-            value = _scalar(value, f"{source}: parameters.{mk_key}")
+            value = scalar(value, f"{source}: parameters.{mk_key}")
         options[ours] = value
     if method in ("della", "della_linear"):
         if len(set(eps_values.values())) > 1:
@@ -432,10 +352,11 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
         options["epsilon"] = next(iter(eps_values.values()), 0.15)
     if method in ("nuslerp", "multislerp"):
         options["on_task_vectors"] = not no_base  # without a base_model mergekit interpolates the models
-    scale = _scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
+    scale = scalar(params.get("lambda", 1.0), f"{source}: parameters.lambda")
     compute = _DTYPES.get(data.get("dtype")) if data.get("dtype") else None
     out = data.get("out_dtype") or data.get("dtype")
-    genome = _genome(weights, densities, scale, str(base), source)
+    genome = genome_spec(inp, source, scale, {"weights": weights, "densities": densities},
+                         {"weights": None, "densities": 1.0}, labels)
     return MergeRecipe(
         base=str(base), experts=experts, method=method, options=options, dtype=_DTYPES.get(out) if out else None,
         compute_dtype=None if compute == "float32" else compute, genome=genome,

@@ -31,6 +31,7 @@ from evomerge.merge.methods import (
     _Base,
     _coef_tensor,
     _stack,
+    masked_ties,
     register_method,
 )
 
@@ -59,6 +60,7 @@ class DellaState:
     taus: torch.Tensor  # (T, n)
     s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept where s < d - eps
     l1: list[float]  # ||tau_k||_1
+    l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
 
 
 @register_method("della")
@@ -84,18 +86,39 @@ class Della(_Base):
         return (elem + 4) * n_experts * math.prod(shape)
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
-        return 2 * n_experts + 1, "4*(2T+1)*max_numel"
+        return 2 * n_experts + 3, "4*(2T+3)*max_numel"  # masks, |tau|, out; eager TIES: sum and sign
 
     def prepare_tensor(self, info, base, taus, options) -> DellaState:
         stack = _stack(taus, info.cache_dtype)
         s = torch.empty(stack.shape, dtype=torch.float32, device=stack.device)
         for k, e in enumerate(info.expert_names):
             K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
-            s[k].sub_(K.della_rank_fraction(stack[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+            # ranks from the unrounded task vectors: a bf16 cache keeps the fp32 cache's masks
+            s[k].sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return DellaState(stack, s, l1)
+        return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device))
+
+    def begin_build(self, states, candidates, groups, options, ws) -> dict[int, tuple[torch.Tensor, ...]] | None:
+        """Compiled builds: each layer group's kernel arguments, sent to the device in one copy."""
+        if not ws.compiled:
+            return None
+        dev = states[0].taus.device if states else torch.device("cpu")
+        out = {}
+        for cand in candidates:
+            thr = [math.inf if d >= 1 else -math.inf if d <= 0 else d - options.epsilon for d in cand.densities]
+            total = sum(cand.weights)
+            div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
+            row = torch.tensor([*thr, *cand.densities, *(w / div for w in cand.weights), cand.scale], dtype=torch.float32).to(dev)
+            t = len(cand.weights)
+            out[id(cand)] = (row[:t], row[t : 2 * t], row[2 * t : 3 * t], row[3 * t])
+        return out
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if ctx is not None:
+            thr, dens, factors, scale = ctx[id(cand)]
+            F.run("della", ws.compiled, dst, state.taus, base, state.s, thr, dens, factors, cand.coeffs, state.l1t, scale,
+                  self.ties, options.normalize, options.rescale)
+            return
         t, n = state.taus.shape
         keep = ws.get("keep", t * n).view(t, n)
         absb = ws.get("abs", t * n).view(t, n)
@@ -114,6 +137,9 @@ class Della(_Base):
                 f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
             num.append(cand.weights[k] * f)
         numt = torch.tensor(num, dtype=torch.float32, device=state.taus.device)
+        if self.ties and not ws.compiled:
+            masked_ties(dst, base, state.taus, keep, numt, cand.coeffs, cand.scale, options.normalize, ws)
+            return
         if self.ties:
             scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
             F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, numt)
@@ -330,7 +356,9 @@ class Nuslerp(_Base):
     def prepare_tensor(self, info, base, taus, options) -> NuslerpState:
         xs = taus if options.on_task_vectors else [base + t for t in taus]
         theta, colinear, shape2d = nuslerp_angles(xs[0].view(info.shape), xs[1].view(info.shape), options.row_wise, options.flatten, options.eps)
-        return NuslerpState(_stack(xs, info.cache_dtype), theta, colinear, shape2d)
+        # the task vectors are stored either way (the models are base + tau): the same numbers
+        # in a bf16 cache as in an fp32 one wherever the task vectors are bf16-exact
+        return NuslerpState(_stack(taus, info.cache_dtype), theta, colinear, shape2d)
 
     @staticmethod
     def coefficients(t: float, theta: torch.Tensor, colinear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,14 +370,19 @@ class Nuslerp(_Base):
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         a, b = self.coefficients(nuslerp_t(cand.weights), state.theta, state.colinear)
         lam = cand.scale
-        beta = 1.0 if options.on_task_vectors else 1.0 - lam
+        # on the models: theta0 + lam * (a (theta0 + tau0) + b (theta0 + tau1) - theta0)
+        on_models = not options.on_task_vectors
         if state.theta.numel() == 1:
+            beta = 1.0 + lam * float(a + b - 1) if on_models else 1.0
             _affine(base, state.x, torch.cat([a.reshape(1), b.reshape(1)]) * lam, dst, ws, beta=beta)
             return
         dv = dst.view(state.shape2d)
         torch.mul(state.x[0].view(state.shape2d), a * lam, out=dv)
         dv.addcmul_(state.x[1].view(state.shape2d), b * lam)
-        dst.add_(base, alpha=beta)
+        if on_models:
+            dv.addcmul_(base.view(state.shape2d), 1.0 + lam * (a + b - 1))
+        else:
+            dst.add_(base)
 
 
 # --------------------------------------------------------------------------- Multi-SLERP
@@ -392,7 +425,8 @@ class Multislerp(_Base):
         norms = torch.norm(flat, dim=-1)
         units = flat / (norms[:, None] + options.eps)
         gram = (units.double() @ units.double().t())
-        return MultislerpState(flat.to(info.cache_dtype), norms.double(), gram, info.name)
+        # task vectors stored either way (the models are base + tau), as nuslerp
+        return MultislerpState(_stack(taus, info.cache_dtype), norms.double(), gram, info.name)
 
     def alphas(self, state: MultislerpState, weights: list[float], options: Any) -> list[float]:
         t = len(weights)
@@ -412,7 +446,7 @@ class Multislerp(_Base):
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         coef = _coef_tensor(self.alphas(state, cand.weights, options), base)
-        beta = 1.0 if options.on_task_vectors else 1.0 - cand.scale
+        beta = 1.0 if options.on_task_vectors else 1.0 + cand.scale * (float(coef.sum()) - 1.0)
         _affine(base, state.x, coef * cand.scale, dst, ws, beta=beta)
 
 

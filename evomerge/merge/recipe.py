@@ -36,6 +36,7 @@ class GenomeSpec(BaseModel):
     scale: float = 1.0
     layer_granularity: int = 0  # > 0: repeat scalar values over num_layers // layer_granularity groups
     modules: bool = False  # groups are [embeddings, attention and MLP of each layer, head] (see Genome)
+    filters: list[str] | None = None  # mergekit ``filter:`` classes within each group (see Genome)
 
     @field_validator("densities")
     @classmethod
@@ -55,8 +56,8 @@ class GenomeSpec(BaseModel):
         return v
 
     def to_genome(self, expert_names: list[str], num_layers: int | None = None) -> Genome:
-        genome = Genome.from_values(self.weights, self.densities, self.scale, expert_names, self.modules)
-        if self.layer_granularity and genome.n_groups == 1 and num_layers:
+        genome = Genome.from_values(self.weights, self.densities, self.scale, expert_names, self.modules, self.filters or ())
+        if self.layer_granularity and genome.n_groups == 1 and not genome.filters and num_layers:
             if num_layers % self.layer_granularity:
                 raise ConfigError(
                     f"genome.layer_granularity {self.layer_granularity} does not divide the {num_layers} layers"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from evomerge.merge import kernels as K
-from evomerge.merge.cache import POST, PRE, layer_of
+from evomerge.merge.cache import genome_group, layer_of
 from evomerge.merge.genome import Genome
 from evomerge.merge.methods import RTsvm, Slerp, Tsvm, breadcrumbs_band, dare_rescale, get_method, parse_options
 
@@ -209,11 +209,6 @@ def merge_uncached(pool: Any, method: str, options: Any, genome: Genome, num_lay
     names = [n for n, _, _ in items]
     layers = [layer_of(n) for n in names]
     nl = num_layers or getattr(pool, "num_layers", None) or max([l for l in layers if l >= 0], default=0) + 1  # noqa: E741
-    G = genome.n_groups
-
-    def group(layer: int) -> int:
-        return 0 if layer == PRE else G - 1 if layer == POST else min(G - 1, layer * G // nl)
-
     ctx: dict[str, Any] = {"experts": experts}
     if method == "ties" and opts.variant == "original":
         # global (whole-model) trim per expert and global majority sign, as in the paper
@@ -235,8 +230,8 @@ def merge_uncached(pool: Any, method: str, options: Any, genome: Genome, num_lay
             total += float((c.view(-1, *[1] * base.dim()) * trimmed).sum(0).sign().sum())
         ctx["majority"] = 1.0 if total >= 0 else -1.0
     out = {}
-    for (name, base, taus), layer in zip(items, layers):
-        g = group(layer)
+    for name, base, taus in items:
+        g = genome_group(name, genome, nl)
         w = list(genome.weights[g])
         d = list(genome.densities[g]) if genome.densities is not None else [1.0] * len(w)
         out[name] = base + genome.scale * _delta(method, opts, name, base, taus, w, d, ctx)

@@ -182,7 +182,7 @@ def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None
     genome (the tensors that share weights and densities), so a user can check that a
     (mergekit) config means what they think before spending a merge on it.
     """
-    from evomerge.merge.cache import POST, PRE, _specs, layer_of
+    from evomerge.merge.cache import POST, PRE, _specs, genome_group, is_attention, layer_of
     from evomerge.merge.methods import get_method
 
     pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
@@ -200,7 +200,8 @@ def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None
         *(f"expert {n}: {recipe.experts[n]}" for n in names),
         f"inputs: {'/'.join(base_dtypes)}; " + (f"inputs and task vectors rounded to {compute}, " if compute != "float32" else "")
         + "arithmetic in float32; output dtype: " + (recipe.dtype or f"the base's ({'/'.join(base_dtypes)})"),
-        f"scale (lambda): {g.scale:g}; layer groups: {g.n_groups} over {num_layers} layers",
+        f"scale (lambda): {g.scale:g}; layer groups: {g.n_slots}" + (" (per module)" if g.modules else "")
+        + (f" x filter classes {[*g.filters, '(none)']}" if g.filters else "") + f" over {num_layers} layers",
     ]
     groups: dict[int, list[str]] = {}
     copied = 0
@@ -208,15 +209,19 @@ def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None
         if not dtype.is_floating_point:
             copied += 1
             continue
-        layer = layer_of(name)
-        grp = 0 if layer == PRE else g.n_groups - 1 if layer == POST else min(g.n_groups - 1, layer * g.n_groups // num_layers)
-        groups.setdefault(grp, []).append(name)
+        groups.setdefault(genome_group(name, g, num_layers), []).append(name)
+    width = len(g.filters) + 1
     for grp in sorted(groups):
         members = groups[grp]
         layers = sorted({layer_of(n) for n in members if layer_of(n) >= 0})
         where = f"layers {layers[0]}-{layers[-1]}" if layers else "no decoder layers"
+        if g.modules and layers:
+            where = f"layer {layers[0]} {'attention' if is_attention(members[0]) else 'MLP'}"
         extra = [w for w, flag in (("embeddings", any(layer_of(n) == PRE for n in members)),
                                    ("final norm/lm_head", any(layer_of(n) == POST for n in members))) if flag]
+        if g.filters:
+            c = grp % width
+            extra.append(f"filter '{g.filters[c]}'" if c < len(g.filters) else "no filter matches")
         desc = ", ".join(f"{n}={g.weights[grp][k]:g}" for k, n in enumerate(names))
         line = f"group {grp} ({where}{''.join(' + ' + e for e in extra)}; {len(members)} tensors): weights {desc}"
         if impl.uses_density and g.densities is not None:
