@@ -19,6 +19,11 @@ from evomerge.merge.recipe import MergeRecipe
 from evomerge.merge.reference import merge_uncached
 from evomerge.merge.writer import load_recipe, write_merged_model
 
+# mergekit's two-model methods: lazy entries like the others of methods_more.py (kept here,
+# not in methods.py, so that file's list stays as it is)
+for _name in ("nearswap", "arcee_fusion"):
+    METHODS.add_lazy(_name, "evomerge.merge.methods_more:TWO_MODEL_METHODS")
+
 __all__ = [
     "METHODS",
     "CacheTooLargeError",

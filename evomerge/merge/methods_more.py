@@ -480,3 +480,91 @@ class Karcher(_Base):
 
 NEW_METHODS = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
 _ = Candidate  # re-exported for type checkers of build hooks
+
+
+# --------------------------------------------------------------------------- NearSwap
+class NearswapOptions(MethodOptions):
+    """No static options: mergekit's ``t`` is the expert's genome weight."""
+
+
+@dataclass
+class NearswapState:
+    tau: torch.Tensor  # (1, n) in the cache dtype
+    absdiff: torch.Tensor  # (n,) float32: max(|theta0 - theta1|, 1e-6)
+
+
+@register_method("nearswap")
+class Nearswap(_Base):
+    """NearSwap (mergekit's ``nearswap``): entries where the base and the expert are within
+    ``t`` take the expert, the others move ``t`` towards it:
+    ``theta = theta0 + scale * clamp(t / max(|tau|, 1e-6), 0, 1) * tau``, with ``t`` the
+    expert's genome weight (mergekit has no scale: 1). ``|tau|`` is fixed in prepare."""
+
+    options_model = NearswapOptions
+    min_experts = 1
+    max_experts = 1
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return (elem + 4) * math.prod(shape)
+
+    def scratch(self, options, n_experts) -> tuple[int, str]:
+        return 1, "4*max_numel"
+
+    def prepare_tensor(self, info, base, taus, options) -> NearswapState:
+        return NearswapState(_stack(taus, info.cache_dtype), taus[0].reshape(-1).float().abs().clamp(min=1e-6))
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        w = ws.get("w", base.numel())
+        torch.div(_coef_tensor([cand.weights[0]], base), state.absdiff, out=w)  # t / |a - b|, as mergekit divides
+        w.clamp_(0, 1).mul_(state.tau[0])
+        torch.add(base, w, alpha=cand.scale, out=dst)
+
+
+# --------------------------------------------------------------------------- Arcee Fusion
+class ArceeFusionOptions(MethodOptions):
+    """No options (mergekit's ``arcee_fusion`` takes none)."""
+
+
+def arcee_fusion_mask(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """mergekit's fusion mask: ``importance = |expert - base| * KL(softmax(expert) || softmax(base))``
+    (softmaxes along the last axis, ``+ 1e-8``; one KL per row), kept where ``importance >=
+    median + 1.5 (q3 - q1)``, the quartiles read from the sorted importances at index
+    ``int(q (n - 1))`` (float32 ``q``). mergekit estimates them from 10^6 random samples when a
+    tensor has more entries; here they are always exact (deterministic)."""
+    x, b = expert.float(), base.float()
+    p = torch.softmax(x, dim=-1) + 1e-8
+    q = torch.softmax(b, dim=-1) + 1e-8
+    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    importance = (x - b).abs() * kl
+    flat = importance.reshape(-1)
+    idx = (torch.tensor([0.25, 0.5, 0.75], dtype=torch.float32) * (flat.numel() - 1)).long()
+    q1, median, q3 = torch.sort(flat).values[idx.to(flat.device)]
+    return importance >= median + 1.5 * (q3 - q1)
+
+
+@register_method("arcee_fusion")
+class ArceeFusion(_Base):
+    """Arcee Fusion (mergekit's ``arcee_fusion``): ``theta = theta0 + scale * m * tau`` with the
+    importance mask ``m`` of :func:`arcee_fusion_mask`, computed in prepare. It has no
+    coefficients (as karcher): genome weights are not used, a build is one axpy."""
+
+    options_model = ArceeFusionOptions
+    min_experts = 1
+    max_experts = 1
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * math.prod(shape)
+
+    def prepare_tensor(self, info, base, taus, options) -> torch.Tensor:
+        b = base.reshape(info.shape).float()
+        tau = taus[0].reshape(info.shape).float()
+        mask = arcee_fusion_mask(b, b + tau)
+        return (tau * mask).reshape(1, -1).to(info.cache_dtype)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        _affine(base, state, _coef_tensor([cand.scale], base), dst, ws)
+
+
+TWO_MODEL_METHODS = ("nearswap", "arcee_fusion")

@@ -125,7 +125,7 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
     raise ValueError(f"no reference for method '{method}'")
 
 
-_MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
+_MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion")
 
 
 def _delta_more(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[torch.Tensor], w: list[float], d: list[float], ctx: Any) -> torch.Tensor:
@@ -198,6 +198,18 @@ def _delta_more(method: str, opts: Any, name: str, base: torch.Tensor, taus: lis
     if method == "karcher":
         inputs = [base] + [base + t for t in taus]
         return K.karcher_mean(inputs, [1.0 / len(inputs)] * len(inputs), opts.max_iter, opts.tol) - base
+    if method == "nearswap":  # mergekit: w b + (1 - w) a with w = clamp(t / |a - b|, 0, 1)
+        a, b = base, base + taus[0]
+        wt = (w[0] / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+        return wt * b + (1 - wt) * a - a
+    if method == "arcee_fusion":  # mergekit's steps, with a full argsort for the quartiles
+        a, b = base.float(), base.float() + taus[0].float()
+        p = torch.softmax(b, dim=-1) + 1e-8
+        q = torch.softmax(a, dim=-1) + 1e-8
+        imp = (b - a).abs() * (p * (p / q).log()).sum(dim=-1, keepdim=True)
+        order = imp.reshape(-1)[torch.argsort(imp.reshape(-1))]
+        q1, med, q3 = (order[int(f * (order.numel() - 1))] for f in (torch.tensor(0.25), torch.tensor(0.5), torch.tensor(0.75)))
+        return (b - a) * (imp >= med + 1.5 * (q3 - q1))
     raise ValueError(method)
 
 
