@@ -127,3 +127,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
+
+
+_SKIP_FILES = {"README.md", "model.safetensors.index.json", "config.json"}
+_COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+def copy_support_files(src: Path, dst: Path) -> list[str]:
+    """A model folder's tokenizer, generation config and chat template files (not its
+    weights, index, config.json or model card), copied from ``src`` into ``dst``."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in _SKIP_FILES and path.suffix in _COPY_SUFFIXES:
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied

@@ -23,22 +23,27 @@ from evomerge.merge.mergekit_settings import Inputs, genome_spec, gradient_value
 from evomerge.merge.recipe import MergeRecipe
 
 log = logging.getLogger(__name__)
-__all__ = ["from_mergekit", "gradient_value", "is_mergekit_config", "to_mergekit"]
+__all__ = ["PASSTHROUGH_SEARCH", "from_mergekit", "gradient_value", "is_mergekit_config", "to_mergekit"]
 
 EXPORTABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
 # read from mergekit configs by _from_more(); not yet written back as mergekit YAML
-MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher")
+MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion")
 SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
-    "passthrough": "slices that stack, drop or reorder layers change the architecture (a new layer count), which "
-                   "an in-place build into a live model cannot do and a search cannot move, and a one-model copy "
-                   "(with scale filters) has nothing to merge; use mergekit for it",
-    "arcee_fusion": "not implemented yet (importance-masked fusion of two models)",
-    "nearswap": "not implemented yet (similarity-thresholded interpolation of two models)",
-    "ram": "not implemented yet (reinforced agent merging)",
-    "ramplus_tl": "not implemented yet (reinforced agent merging with overlap rescaling)",
+    "passthrough": "it changes the layer count (slices that stack, drop or reorder layers), so it is no recipe of "
+                   "the merge engine, which builds in place into a live model of the base's shape: "
+                   "`evomerge merge CONFIG --out DIR` writes it as a new model folder (load_recipe reads it as a "
+                   "PassthroughPlan, evomerge/merge/passthrough.py); it cannot be searched",
+    "ram": "not implemented yet (reinforced agent merging: each entry averages the deltas of the models that "
+           "change it by more than epsilon; no coefficients a search could move)",
+    "ramplus_tl": "not implemented yet (reinforced agent merging with a per-model overlap rescaling of the "
+                  "unique deltas)",
 }
+# why ``evomerge search`` refuses passthrough (a search moves coefficients of one fixed architecture)
+PASSTHROUGH_SEARCH = ("merge method 'passthrough' cannot be searched: it stacks, drops or reorders layers (a new "
+                      "layer count) and has no coefficients, while a search builds each candidate in place into a "
+                      "live model of the base's shape; write it once with `evomerge merge CONFIG --out DIR`")
 _GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "t", "weight", "density", "gamma"}
 _BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
 _TOP_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name"}
@@ -257,7 +262,11 @@ _MORE_SPEC: dict[str, dict[str, Any]] = {
     "multislerp": {"shared": {"normalize_weights": ("normalize_weights", True), "eps": ("eps", 1e-8)},
                    "per_model": {"weight"}, "base": False, "weights": True},
     "karcher": {"shared": {"max_iter": ("max_iter", 10), "tol": ("tol", 1e-5)}, "per_model": {"weight"}, "base": False, "weights": False},
+    # two-model methods: the base and one other model; nearswap's shared t is the expert's genome weight
+    "nearswap": {"shared": {"t": (None, None)}, "per_model": {"weight"}, "base": True, "weights": False},
+    "arcee_fusion": {"shared": {}, "per_model": {"weight"}, "base": True, "weights": False},
 }
+_TWO_MODEL = ("nearswap", "arcee_fusion")
 
 
 def _common_checks(data: dict[str, Any], source: str) -> None:
@@ -282,7 +291,7 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
     bad = sorted(set(params) - shared_keys - spec["per_model"])
     if bad:
         raise ConfigError(f"{source}: parameters.{bad[0]} is not supported for '{method}'")
-    inp = read_inputs(data, source, spec["per_model"], method)
+    inp = read_inputs(data, source, spec["per_model"], method, shared={"t"} if method == "nearswap" else set())
     base = inp.base
     if base is None and spec["base"]:
         raise ConfigError(f"{source}: merge_method '{method}' needs base_model")
@@ -297,6 +306,8 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
         raise ConfigError(f"{source}: no models besides the base_model")
     if method == "nuslerp" and len(ks) != 2:
         raise ConfigError(f"{source}: nuslerp needs exactly two models besides the base_model, got {len(ks)}")
+    if method in _TWO_MODEL and len(ks) != 1:
+        raise ConfigError(f"{source}: {method} needs base_model plus exactly one other model, got {len(ks)}")
     if method == "model_stock" and len(ks) < 2:
         raise ConfigError(f"{source}: model_stock needs base_model plus at least two other models, got {len(ks)}")
 
@@ -332,6 +343,12 @@ def _from_more(data: dict[str, Any], source: str, method: str) -> MergeRecipe:
             log.warning("%s: the models' weights are ignored: mergekit's %s takes none", source, method)
         default = 1.0 if method == "sce" else 1.0 / len(experts)
         weights = {n: default for n in experts}
+    if method == "nearswap":  # mergekit's t (shared: the slice's, then the top-level one), required
+        t = inp.chains(None, "t", params)
+        if not all(t):
+            raise ConfigError(f"{source}: nearswap needs parameters.t (the distance under which the other model's "
+                              "values are taken whole)")
+        weights = {next(iter(experts)): t}
     options: dict[str, Any] = {}
     for mk_key, (ours, default) in spec["shared"].items():
         value = params.get(mk_key, default)

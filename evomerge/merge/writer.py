@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ import torch
 import yaml
 
 from evomerge.errors import ConfigError, EvomergeError, check_device
-from evomerge.io_utils import atomic_directory, check_replaceable
+from evomerge.io_utils import atomic_directory, check_replaceable, copy_support_files
 from evomerge.merge.cache import RoundedInputsPool, build, prepare
 from evomerge.merge.genome import Genome
 from evomerge.merge.mergekit_compat import to_mergekit
+from evomerge.merge.passthrough import PassthroughPlan, explain_passthrough, is_passthrough, read_passthrough, write_passthrough
 from evomerge.merge.recipe import GenomeSpec, MergeRecipe
 from evomerge.pool import LoadOptions, Pool, TokenizerUnavailableError
 
@@ -39,21 +39,9 @@ PAPERS = {
     "breadcrumbs_ties": "https://arxiv.org/abs/2312.06795",
     "tsvm": "https://arxiv.org/abs/2412.00081",
     "r_tsvm": "https://arxiv.org/abs/2502.06876",
+    "nearswap": "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    "arcee_fusion": "https://arcee.ai",
 }
-_SKIP_FILES = {"README.md", "model.safetensors.index.json", "config.json"}
-_COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
-
-
-def _copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, generation config and chat template files of the base."""
-    copied = []
-    for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in _SKIP_FILES and path.suffix in _COPY_SUFFIXES:
-            shutil.copy2(path, dst / path.name)
-            copied.append(path.name)
-    return copied
-
-
 def model_card(recipe: MergeRecipe, genome: Genome, mergekit_yaml: str | None, why_not: str) -> str:
     names = list(recipe.experts)
     front = {
@@ -111,8 +99,14 @@ def resolve_genome(recipe: MergeRecipe, pool: Pool, genome: Genome | GenomeSpec 
     return spec.to_genome(list(recipe.experts), num_layers)
 
 
+def _no_genome(plan: PassthroughPlan, genome: Any) -> None:
+    if genome is not None:
+        raise ConfigError(f"{plan.source}: passthrough has no genome (it copies layers, with the config's scale): "
+                          "drop --genome")
+
+
 def write_merged_model(
-    recipe: MergeRecipe,
+    recipe: MergeRecipe | PassthroughPlan,
     out_dir: str | os.PathLike[str],
     genome: Genome | GenomeSpec | None = None,
     overwrite: bool = False,
@@ -122,10 +116,14 @@ def write_merged_model(
     """Merge ``recipe`` at ``genome`` (default: the recipe's) into a new model folder.
 
     Everything is written to a temporary sibling folder that is renamed into place only
-    at the end, so a failure leaves nothing behind.
+    at the end, so a failure leaves nothing behind. A :class:`PassthroughPlan` (a mergekit
+    passthrough config) is written by :func:`write_passthrough`.
     """
     out_dir = Path(out_dir)
     check_device(device, "--device")
+    if isinstance(recipe, PassthroughPlan):
+        _no_genome(recipe, genome)
+        return write_passthrough(recipe, out_dir, overwrite=overwrite, load_options=load_options)
     pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
     inputs = [m.folder for m in pool.members]
     check_replaceable(out_dir, inputs)  # before any work: never --out . or an input's folder
@@ -165,7 +163,7 @@ def write_merged_model(
             if "dtype" in config:
                 config["dtype"] = recipe.dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_support_files(pool.base.folder, tmp)
+        copy_support_files(pool.base.folder, tmp)
         resolved = recipe.model_copy(update={"genome": GenomeSpec.from_genome(g, list(recipe.experts))})
         (tmp / "evomerge_recipe.yaml").write_text(resolved.to_yaml())
         if mk_yaml:
@@ -175,7 +173,8 @@ def write_merged_model(
     return out_dir
 
 
-def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None, load_options: LoadOptions | None = None) -> str:
+def explain_merge(recipe: MergeRecipe | PassthroughPlan, genome: Genome | GenomeSpec | None = None,
+                  load_options: LoadOptions | None = None) -> str:
     """What ``write_merged_model`` would compute, per tensor group, without computing it.
 
     Reads only the checkpoints' headers and configs. Each line is one layer group of the
@@ -185,6 +184,9 @@ def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None
     from evomerge.merge.cache import POST, PRE, _specs, genome_group, is_attention, layer_of
     from evomerge.merge.methods import get_method
 
+    if isinstance(recipe, PassthroughPlan):
+        _no_genome(recipe, genome)
+        return explain_passthrough(recipe, load_options)
     pool = Pool.from_refs(recipe.base, recipe.experts, load_options)
     g = resolve_genome(recipe, pool, genome)
     names = list(recipe.experts)
@@ -233,14 +235,16 @@ def explain_merge(recipe: MergeRecipe, genome: Genome | GenomeSpec | None = None
     return "\n".join(lines)
 
 
-def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
-    """An evomerge merge recipe, a mergekit config (``merge_method``) or a search recipe
-    (``pool`` + ``data``: its pool, method and options; the genome comes from ``--genome``,
-    e.g. a run's ``best_genome.yaml``)."""
+def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe | PassthroughPlan:
+    """An evomerge merge recipe, a mergekit config (``merge_method``; passthrough gives a
+    :class:`PassthroughPlan`) or a search recipe (``pool`` + ``data``: its pool, method and
+    options; the genome comes from ``--genome``, e.g. a run's ``best_genome.yaml``)."""
     from evomerge.config import load_yaml
     from evomerge.merge.mergekit_compat import from_mergekit, is_mergekit_config
 
     data: Any = load_yaml(path)
+    if is_passthrough(data):
+        return read_passthrough(data, str(path))
     if is_mergekit_config(data):
         return from_mergekit(data, str(path))
     if isinstance(data, dict) and "pool" in data and "data" in data:

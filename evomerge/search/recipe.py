@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge.config import apply_overrides, load_overridden, load_yaml, validate_mapping  # noqa: F401  (re-exported)
 from evomerge.errors import ConfigError
+from evomerge.merge.mergekit_compat import PASSTHROUGH_SEARCH
 from evomerge.merge.methods import get_method, parse_options
 from evomerge.refs import ZOO_PREFIX
 from evomerge.search.modes import MODE_NAMES, MODES
@@ -57,6 +58,8 @@ class MergeSpec(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> MergeSpec:
+        if self.method == "passthrough":
+            raise ValueError(PASSTHROUGH_SEARCH)
         get_method(self.method)
         parse_options(self.method, self.options)
         return self
@@ -264,6 +267,11 @@ class SearchRecipe(_Strict):
 # --------------------------------------------------------------------------- loading
 def recipe_from_dict(data: Any, source: str = "recipe") -> SearchRecipe:
     """Validate a mapping as a :class:`SearchRecipe`."""
+    if isinstance(data, dict) and "merge_method" in data and "pool" not in data:
+        why = PASSTHROUGH_SEARCH if data["merge_method"] == "passthrough" else (
+            "write one with pool, data and merge: {method: ...}, or run it with `evomerge merge`")
+        raise ConfigError(f"{source}: a mergekit config (merge_method: {data['merge_method']}) is not a search "
+                          f"recipe: {why}")
     return validate_mapping(SearchRecipe, data, source)
 
 
