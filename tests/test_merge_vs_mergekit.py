@@ -274,3 +274,65 @@ def test_aligned_slices_equal_mergekit(pool4, tmp_path, case):
     print(f"slices {case}: max abs diff {worst:.2e}")
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=2e-6, rtol=1e-5, msg=lambda m: f"{case} {name}: {m}")
+
+
+# --------------------------------------------------------------------------- two-model methods, passthrough
+TWO_MODEL_CASES = {
+    # mergekit's test_nearswap_merge (t = 0.0001) and a t at the micro models' |tau| scale
+    "nearswap": ("nearswap", {"t": 0.0001}),
+    "nearswap_t_0.03": ("nearswap", {"t": 0.03}),
+    "arcee_fusion": ("arcee_fusion", {}),  # mergekit's test_arcee_fusion_merge
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWO_MODEL_CASES))
+def test_two_model_methods_equal_mergekit(micro_pool, tmp_path, case):
+    """mergekit's two_model_config with base_model = model_a (listed in models), in float32."""
+    method, params = TWO_MODEL_CASES[case]
+    cfg = _two_model_cfg(micro_pool, method, base="expert_a", params=params)
+    ours, theirs = _merge_both(tmp_path, cfg)
+    assert set(ours) == set(theirs)
+    worst = max(float((ours[n] - theirs[n]).abs().max()) for n in theirs)
+    base = load_file(micro_pool["expert_a"] / "model.safetensors")
+    moved = sum(int((theirs[n] != base[n]).sum()) for n in theirs)
+    print(f"{case}: max abs diff {worst:.2e} ({moved} entries moved)")
+    assert moved > 0
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=2e-6, rtol=1e-5, msg=lambda m: f"{case} {name}: {m}")
+
+
+def _pt_slice(model, lo, hi, **params):
+    return {"sources": [{"model": str(model), "layer_range": [lo, hi], **({"parameters": params} if params else {})}]}
+
+
+PASSTHROUGH_CASES = {
+    # mergekit's test_gpt2_copy / test_passthrough_scale / test_gpt2_stack forms
+    "copy_bf16": lambda p: {"models": [{"model": str(p["base"])}], "dtype": "bfloat16"},
+    "scale_filters": lambda p: {"models": [{"model": str(p["base"]), "parameters": {"scale": [
+        {"filter": "o_proj", "value": 0}, {"filter": "down_proj", "value": 0}, {"value": 1}]}}]},
+    "stack_twice_bf16": lambda p: {"slices": [_pt_slice(p["base"], 0, 4)] * 2, "dtype": "bfloat16"},
+    # a frankenmerge: three models, dropped / repeated layers, scale per source, slice and top level, a gradient
+    "franken": lambda p: {"dtype": "float32", "parameters": {"scale": [
+        {"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": [0, 1]}, {"value": 1}]},
+        "slices": [_pt_slice(p["base"], 0, 3), {**_pt_slice(p["expert_a"], 1, 4), "parameters": {"scale": 2.0}},
+                   _pt_slice(p["expert_b"], 2, 3, scale=[{"filter": "layers.2.mlp", "value": -1}]),
+                   _pt_slice(p["base"], 1, 2)]},
+    "reorder_out_bf16": lambda p: {"base_model": str(p["expert_a"]), "dtype": "float32", "out_dtype": "bfloat16",
+                                   "slices": [_pt_slice(p["expert_b"], 3, 4), _pt_slice(p["base"], 0, 3, scale=0.7)]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(PASSTHROUGH_CASES))
+def test_passthrough_equal_mergekit(pool4, tmp_path, case):
+    import json
+
+    cfg = {"merge_method": "passthrough", **PASSTHROUGH_CASES[case](pool4)}
+    ours, theirs = _merge_both(tmp_path, cfg)
+    assert set(ours) == set(theirs)
+    worst = max(float((ours[n].float() - theirs[n].float()).abs().max()) for n in theirs)
+    print(f"passthrough {case}: max abs diff {worst:.2e}, {len(theirs)} tensors")
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype, name
+        assert torch.equal(ours[name], theirs[name]), f"{case} {name}"
+    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"] for d in ("ours", "mk")]
+    assert layers[0] == layers[1]

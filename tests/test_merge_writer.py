@@ -154,8 +154,8 @@ def test_mergekit_trivial_tokenizer_and_ignored_lambda(caplog):
     "cfg,match",
     [
         ({"merge_method": "della"}, "della"),
-        ({"merge_method": "passthrough", "slices": []}, "passthrough.*change the architecture"),
-        ({"merge_method": "arcee_fusion", "base_model": "b", "models": ["x"]}, "arcee_fusion.*not implemented"),
+        ({"merge_method": "passthrough", "slices": []}, "passthrough.*changes the layer count.*evomerge merge"),
+        ({"merge_method": "ram", "base_model": "b", "models": ["x"]}, "ram.*not implemented"),
         ({"merge_method": "ties", "slices": []}, "slices"),
         ({"merge_method": "ties", "base_model": "b", "slices": [{"sources": [{"model": "b", "layer_range": [0, 2]}, {"model": "x", "layer_range": [2, 4]}]}]},
          r"slices\[0\].sources\[1\].layer_range \[2, 4\] differs from \[0, 2\]: .*change the architecture"),
