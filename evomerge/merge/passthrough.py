@@ -114,7 +114,7 @@ def _scale_scope(params: Any, where: str, source: str) -> list[tuple[Any, str]]:
     if bad:
         raise ConfigError(f"{source}: {where}.{bad[0]} is not supported for 'passthrough' (it takes only scale: "
                           "nothing is merged)")
-    return [(parse_setting(params["scale"], f"{where}.scale"), f"{where}.scale")] if "scale" in params else []
+    return [(parse_setting(params["scale"], f"{source}: {where}.scale"), f"{where}.scale")] if "scale" in params else []
 
 
 def _num_layers(ref: str, source: str, where: str) -> int:
