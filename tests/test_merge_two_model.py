@@ -1,4 +1,4 @@
-"""mergekit's two-model methods nearswap and arcee_fusion: by hand, cached == uncached, the
+"""mergekit's two-model methods nearswap and arcee_fusion, and RAM (ram, ramplus_tl): by hand, cached == uncached, the
 mergekit config reader and its refusals. Equality with mergekit: tests/test_merge_vs_mergekit.py."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_arcee_fusion_by_hand():
     torch.testing.assert_close(out["model.layers.0.mlp.up_proj.weight"], torch.tensor([[0.0, 0.0, 0.0, 100.0, 0.0]]))
 
 
-@pytest.mark.parametrize("method", ["nearswap", "arcee_fusion"])
+@pytest.mark.parametrize("method", ["nearswap", "arcee_fusion", "ram", "ramplus_tl"])
 def test_cached_build_equals_uncached(method):
     rng = random.Random(7)
     pool = random_pool(1)
@@ -95,9 +95,36 @@ def test_mergekit_configs_read(caplog):
      r"models\[0\] \(b\): parameter 't' is not supported for 'nearswap'"),
     ({"merge_method": "arcee_fusion", "models": ["a", "b"]}, r"arcee_fusion' needs base_model"),
     ({"merge_method": "arcee_fusion", **_TWO, "parameters": {"density": 0.5}}, r"parameters.density is not supported for 'arcee_fusion'"),
-    ({"merge_method": "ram", **_TWO}, r"merge_method 'ram' is not supported: not implemented yet"),
-    ({"merge_method": "ramplus_tl", **_TWO}, r"'ramplus_tl' is not supported: not implemented yet"),
+    ({"merge_method": "ram", "models": ["a", "b"]}, r"ram' needs base_model"),
+    ({"merge_method": "ramplus_tl", **_TWO, "parameters": {"density": 0.5}}, r"parameters.density is not supported for 'ramplus_tl'"),
 ])
 def test_bad_two_model_configs_name_the_field(cfg, match):
     with pytest.raises(ConfigError, match=match):
         from_mergekit(cfg, "c.yml")
+
+
+def _three(base: list[float], a: list[float], b: list[float]) -> StatePool:
+    name = "model.layers.0.mlp.up_proj.weight"
+    return StatePool({name: torch.tensor([base])}, {"a": {name: torch.tensor([a])}, "b": {name: torch.tensor([b])}},
+                     num_layers=1)
+
+
+def test_ram_by_hand():
+    """Deltas a = [1, 0, 2, 0], b = [3, 0, 0, 1e-6]: entry 0 is changed by both (mean 2),
+    entry 2 only by a (2), entry 3's 1e-6 is below epsilon (nothing moves)."""
+    pool = _three([0.0] * 4, [1.0, 0.0, 2.0, 0.0], [3.0, 0.0, 0.0, 1e-6])
+    out = build(prepare(pool, "ram"), Genome.from_values([0.5, 0.5]))
+    torch.testing.assert_close(out["model.layers.0.mlp.up_proj.weight"], torch.tensor([[2.0, 0.0, 2.0, 0.0]]))
+
+
+def test_ramplus_boosts_unique_entries_by_the_overlap_ratio():
+    """a changes entries 0 (shared) and 2 (unique): rho_a = 1/1, capped at alpha = 0.2, so its
+    unique entry is scaled by 1 + r * 0.2 = 1.1 (r = 0.5); b has no unique entry."""
+    pool = _three([0.0] * 3, [1.0, 0.0, 2.0], [3.0, 0.0, 0.0])
+    out = build(prepare(pool, "ramplus_tl", {"r": 0.5}), Genome.from_values([0.5, 0.5]))
+    torch.testing.assert_close(out["model.layers.0.mlp.up_proj.weight"], torch.tensor([[2.0, 0.0, 2.2]]))
+
+
+def test_ram_configs_read():
+    ram = from_mergekit({"merge_method": "ramplus_tl", **_TWO, "parameters": {"r": 0.3, "epsilon": 1e-3}}, "c")
+    assert ram.method == "ramplus_tl" and ram.options == {"r": 0.3, "alpha": 0.2, "epsilon": 1e-3}

@@ -150,6 +150,10 @@ MORE_CASES = {
     "model_stock_filter_wise": dict(params={"filter_wise": True}),
     "karcher": dict(params={"max_iter": 5, "tol": 1e-5}),
     "karcher_no_base": dict(base=None, params={}),
+    "ram": dict(params={}),
+    "ram_epsilon": dict(params={"epsilon": 0.02}),
+    "ramplus_tl": dict(params={}),
+    "ramplus_tl_epsilon": dict(params={"epsilon": 0.02, "r": 0.5, "alpha": 0.5}),
     **{
         f"nuslerp_{'base' if b else 'nobase'}_{'rows' if r else 'cols'}_{'flat' if f else 'nf'}": dict(
             base="base" if b else None, params={"nuslerp_row_wise": r, "nuslerp_flatten": f})
@@ -161,7 +165,7 @@ MORE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(MORE_CASES))
 def test_more_methods_equal_mergekit(micro_pool, tmp_path, case):
-    method = case.split("_no_base")[0].split("_filter")[0].split("_all")[0]
+    method = case.split("_no_base")[0].split("_filter")[0].split("_all")[0].split("_epsilon")[0]
     method = "nuslerp" if method.startswith("nuslerp") else method
     cfg = _two_model_cfg(micro_pool, method, **MORE_CASES[case])
     ours, theirs = _merge_both(tmp_path, cfg)

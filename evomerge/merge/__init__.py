@@ -23,6 +23,8 @@ from evomerge.merge.writer import load_recipe, write_merged_model
 # not in methods.py, so that file's list stays as it is)
 for _name in ("nearswap", "arcee_fusion"):
     METHODS.add_lazy(_name, "evomerge.merge.methods_more:TWO_MODEL_METHODS")
+for _name in ("ram", "ramplus_tl"):
+    METHODS.add_lazy(_name, "evomerge.merge.methods_more:RAM_METHODS")
 
 __all__ = [
     "METHODS",

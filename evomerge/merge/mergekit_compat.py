@@ -27,7 +27,8 @@ __all__ = ["PASSTHROUGH_SEARCH", "from_mergekit", "gradient_value", "is_mergekit
 
 EXPORTABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs", "breadcrumbs_ties")
 # read from mergekit configs by _from_more(); not yet written back as mergekit YAML
-MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion")
+MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion",
+        "ram", "ramplus_tl")
 SUPPORTED = EXPORTABLE + MORE
 # mergekit 0.1.5 methods evomerge does not compute, each with the reason it is refused
 REFUSED = {
@@ -35,10 +36,6 @@ REFUSED = {
                    "the merge engine, which builds in place into a live model of the base's shape: "
                    "`evomerge merge CONFIG --out DIR` writes it as a new model folder (load_recipe reads it as a "
                    "PassthroughPlan, evomerge/merge/passthrough.py); it cannot be searched",
-    "ram": "not implemented yet (reinforced agent merging: each entry averages the deltas of the models that "
-           "change it by more than epsilon; no coefficients a search could move)",
-    "ramplus_tl": "not implemented yet (reinforced agent merging with a per-model overlap rescaling of the "
-                  "unique deltas)",
 }
 # why ``evomerge search`` refuses passthrough (a search moves coefficients of one fixed architecture)
 PASSTHROUGH_SEARCH = ("merge method 'passthrough' cannot be searched: it stacks, drops or reorders layers (a new "
@@ -265,6 +262,9 @@ _MORE_SPEC: dict[str, dict[str, Any]] = {
     # two-model methods: the base and one other model; nearswap's shared t is the expert's genome weight
     "nearswap": {"shared": {"t": (None, None)}, "per_model": {"weight"}, "base": True, "weights": False},
     "arcee_fusion": {"shared": {}, "per_model": {"weight"}, "base": True, "weights": False},
+    "ram": {"shared": {"epsilon": ("epsilon", 1e-5)}, "per_model": {"weight"}, "base": True, "weights": False},
+    "ramplus_tl": {"shared": {"r": ("r", 0.1), "alpha": ("alpha", 0.2), "epsilon": ("epsilon", 1e-5)},
+                   "per_model": {"weight"}, "base": True, "weights": False},
 }
 _TWO_MODEL = ("nearswap", "arcee_fusion")
 

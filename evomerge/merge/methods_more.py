@@ -568,3 +568,67 @@ class ArceeFusion(_Base):
 
 
 TWO_MODEL_METHODS = ("nearswap", "arcee_fusion")
+
+
+# --------------------------------------------------------------------------- RAM
+class RamOptions(MethodOptions):
+    epsilon: float = Field(1e-5, ge=0.0)  # a task-vector entry counts as a change when |tau| > epsilon
+
+
+class RamplusOptions(RamOptions):
+    r: float = Field(0.1, ge=0.0)  # how much the unique entries of a model are boosted per unit of overlap ratio
+    alpha: float = Field(0.2, ge=0.0)  # the overlap ratio's cap
+
+
+def ram_delta(taus: list[torch.Tensor], epsilon: float, r: float | None = None, alpha: float = 0.0) -> torch.Tensor:
+    """Reinforced agent merging (mergekit's ``ram`` / ``ramplus_tl``): each entry averages the
+    deltas of the models that change it (``|tau| > epsilon``). With ``r`` (RAM+, per tensor),
+    the entries only one model changes are scaled by ``1 + r * min(max(rho, 0), alpha)``, with
+    ``rho`` that model's count of shared changed entries over its count of unique ones."""
+    tv = torch.stack([t.reshape(-1).float() for t in taus])
+    changed = tv.abs() > epsilon
+    counts = changed.sum(0, keepdim=True)
+    kept = tv * changed
+    shared = kept * (counts > 1) / counts.clamp(min=1)
+    unique = kept * (counts == 1)
+    if r is not None:
+        n_shared = (changed & (counts > 1)).sum(1).float()
+        n_unique = (changed & (counts == 1)).sum(1).float()
+        rho = n_shared / n_unique.clamp(min=epsilon)
+        unique = unique * (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
+    return (unique + shared).sum(0)
+
+
+@register_method("ram")
+class Ram(_Base):
+    """RAM (mergekit's ``ram``): ``theta = theta0 + scale * ram_delta``. It has no coefficients
+    (as karcher): prepare computes the merged delta, a build is one axpy; genome weights are
+    not used."""
+
+    options_model = RamOptions
+    fp32_dst_only = True
+
+    def state_bytes(self, shape, n_experts, options, elem=4) -> int:
+        return elem * math.prod(shape)
+
+    def _delta(self, taus, options) -> torch.Tensor:
+        return ram_delta(taus, options.epsilon)
+
+    def prepare_tensor(self, info, base, taus, options) -> torch.Tensor:
+        return self._delta(taus, options).reshape(1, -1).to(info.cache_dtype)
+
+    def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        _affine(base, state, _coef_tensor([cand.scale], base), dst, ws)
+
+
+@register_method("ramplus_tl")
+class RamplusTl(Ram):
+    """RAM+ with a tensor-local overlap ratio (mergekit's ``ramplus_tl``); see :func:`ram_delta`."""
+
+    options_model = RamplusOptions
+
+    def _delta(self, taus, options) -> torch.Tensor:
+        return ram_delta(taus, options.epsilon, options.r, options.alpha)
+
+
+RAM_METHODS = ("ram", "ramplus_tl")

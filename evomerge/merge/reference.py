@@ -125,7 +125,8 @@ def _delta(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[tor
     raise ValueError(f"no reference for method '{method}'")
 
 
-_MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion")
+_MORE = ("della", "della_linear", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion",
+         "ram", "ramplus_tl")
 
 
 def _delta_more(method: str, opts: Any, name: str, base: torch.Tensor, taus: list[torch.Tensor], w: list[float], d: list[float], ctx: Any) -> torch.Tensor:
@@ -210,6 +211,16 @@ def _delta_more(method: str, opts: Any, name: str, base: torch.Tensor, taus: lis
         order = imp.reshape(-1)[torch.argsort(imp.reshape(-1))]
         q1, med, q3 = (order[int(f * (order.numel() - 1))] for f in (torch.tensor(0.25), torch.tensor(0.5), torch.tensor(0.75)))
         return (b - a) * (imp >= med + 1.5 * (q3 - q1))
+    if method in ("ram", "ramplus_tl"):  # mergekit's unique / overlap split, entry by entry
+        tv = torch.stack([t.reshape(-1) for t in taus])
+        nz = tv.abs() > opts.epsilon
+        n = nz.sum(0, keepdim=True)
+        lam = torch.ones(len(taus), 1)
+        if method == "ramplus_tl":
+            rho = (nz & (n > 1)).sum(1) / (nz & (n == 1)).sum(1).clamp(min=opts.epsilon)
+            lam = (1 + opts.r * rho.clamp(min=0, max=opts.alpha)).unsqueeze(-1)
+        z = tv * nz
+        return (z * (n == 1) * lam + z * (n > 1) / n.clamp(min=1)).sum(0).view_as(base)
     raise ValueError(method)
 
 
