@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
     "method,options",
     [("ties", {}), ("ties", {"density_grid": None, "normalize": False}), ("dare_ties", {"rescale": "l1"}), ("dare_linear", {"normalize": True}),
      ("della", {}), ("della", {"normalize": False, "rescale": False, "epsilon": 0.05}), ("della_linear", {"normalize": True}),
-     ("breadcrumbs_ties", {"normalize": True, "rescale": True})],
+     ("breadcrumbs_ties", {"normalize": True, "rescale": True}), ("breadcrumbs", {}), ("breadcrumbs", {"normalize": True, "rescale": True, "gamma": 0.1}),
+     ("breadcrumbs_ties", {})],
 )
 def test_compiled_kernels_match_reference(method, options):
     torch.set_num_threads(1)

@@ -220,6 +220,48 @@ def della_kernel(
     out.copy_(base.float() + scale * delta)
 
 
+def breadcrumbs_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    rank: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    factors: torch.Tensor,
+    dens: torch.Tensor,
+    coeffs: torch.Tensor,
+    l1_before: torch.Tensor,
+    scale: torch.Tensor,
+    ties: bool,
+    normalize: bool,
+    rescale: bool,
+) -> None:
+    """``out = base + scale * breadcrumbs(taus)``: expert k keeps the entries whose stored
+    magnitude rank is in ``[lo_k, hi_k)``, scaled by ``factors_k`` (times the L1-matching
+    ratio with ``rescale``: a second pass, the kept sum is needed first), then TIES
+    consensus or a sum. Without ``rescale`` one pass reads the cache and the ranks once.
+    """
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k].float()
+        r = rank[k]
+        m = torch.where((r >= lo[k]) & (r < hi[k]), x, 0.0)
+        f = factors[k]
+        if rescale:
+            after = m.abs().sum(dtype=torch.float64)
+            before = l1_before[k].to(torch.float64)
+            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1)
+            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+        ws.append(m * f)
+    if ties:
+        delta = _consensus(ws, coeffs, normalize)
+    else:
+        delta = ws[0]
+        for w in ws[1:]:
+            delta = delta + w
+    out.copy_(base.float() + scale * delta)
+
+
 def affine_kernel(out: torch.Tensor, base: torch.Tensor, taus: torch.Tensor, coeffs: torch.Tensor, beta: torch.Tensor) -> None:
     """``out = beta*base + sum_k coeffs_k taus_k`` in float32 for a low-precision cache.
 
@@ -256,6 +298,7 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
         "ties_masked": ties_masked_kernel,
         "dare": dare_kernel,
         "della": della_kernel,
+        "breadcrumbs": breadcrumbs_kernel,
         "affine": affine_kernel,
     }[name]
     if not compiled or _FAILED:

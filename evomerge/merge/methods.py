@@ -455,8 +455,9 @@ def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
 @dataclass
 class BreadcrumbsState:
     taus: torch.Tensor  # (T, n)
-    order: torch.Tensor  # (T, n) int32: descending-|tau| order (mergekit's CPU argsort)
+    rank: torch.Tensor  # (T, n) int32: each entry's position in the descending-|tau| order (mergekit's CPU argsort)
     l1: list[float]  # ||tau_k||_1
+    l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
 
 
 @register_method("breadcrumbs")
@@ -465,8 +466,10 @@ class Breadcrumbs(_Base):
     the ``K = int(d*n)`` largest ``|tau|`` after dropping the ``gamma`` outliers on top,
     optionally rescale to the L1 norm, then a weighted sum (``/ sum c`` with normalize).
 
-    The sort is done once in prepare (4 B per element and expert); a build scatters the
-    kept band of ranks into a 0/1 mask, so any density is exact.
+    The sort is done once in prepare and kept as each entry's rank (4 B per element and
+    expert); the band of ranks a density keeps is ``lo <= rank < hi``, so a build is one
+    streaming compare per expert (fused with the merge when compiled) and any density is
+    exact, ties included: the ranks are mergekit's (unstable) argsort positions.
     """
 
     options_model = BreadcrumbsOptions
@@ -478,40 +481,66 @@ class Breadcrumbs(_Base):
 
     def prepare_tensor(self, info, base, taus, options) -> BreadcrumbsState:
         stack = _stack(taus, info.cache_dtype)
-        order = torch.stack([torch.argsort(row.abs().float().cpu(), descending=True).to(torch.int32) for row in stack])
+        n = stack.shape[1]
+        rank = torch.empty(stack.shape, dtype=torch.int32)
+        positions = torch.arange(n, dtype=torch.int32)
+        for k, row in enumerate(stack):
+            order = torch.argsort(row.abs().float().cpu(), descending=True)  # mergekit's order (ties included)
+            rank[k].index_copy_(0, order, positions)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return BreadcrumbsState(stack, order.to(stack.device), l1)
+        return BreadcrumbsState(stack, rank.to(stack.device), l1, torch.tensor(l1, dtype=torch.float32, device=stack.device))
+
+    def _factors(self, cand: Candidate, options: Any) -> list[float]:
+        """Kept-value multipliers before the rescale: ``c_k`` (``/ sum c`` for the normalised sum)."""
+        total = sum(cand.weights)
+        div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
+        return [w / div for w in cand.weights]
+
+    def begin_build(self, states, candidates, groups, options, ws) -> Any:
+        """Compiled builds: every tensor's rank bands and each group's factors, sent to the
+        device in one copy each (per-tensor copies of a few numbers would stall a GPU)."""
+        if not ws.compiled or not states:
+            return None
+        dev = states[0].taus.device
+        bands = []
+        for state, g in zip(states, groups):
+            n = state.taus.shape[1]
+            lohi = [breadcrumbs_band(n, d, options.gamma) for d in candidates[g].densities]
+            bands.append([lo for lo, _ in lohi] + [hi for _, hi in lohi])
+        t = len(candidates[0].weights)
+        band_t = torch.tensor(bands, dtype=torch.int32).to(dev)
+        floats = torch.tensor([[*self._factors(c, options), *c.densities, c.scale] for c in candidates], dtype=torch.float32).to(dev)
+        rows = {id(c): (f[:t], f[t : 2 * t], f[2 * t]) for c, f in zip(candidates, floats)}
+        return {id(s): (band_t[i, :t], band_t[i, t:], *rows[id(candidates[g])]) for i, (s, g) in enumerate(zip(states, groups))}
 
     def _keep(self, state: BreadcrumbsState, cand: Candidate, ws: Workspace, options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager path: 0/1 masks of the kept bands and the kept-value multipliers."""
         t, n = state.taus.shape
         keep = ws.get("keep", t * n).view(t, n)
+        below = ws.get("below", n, torch.bool)
         num = []
-        for k, d in enumerate(cand.densities):
+        for k, (d, fk) in enumerate(zip(cand.densities, self._factors(cand, options))):
             lo, hi = breadcrumbs_band(n, d, options.gamma)
-            idx = state.order[k, lo:hi].to(torch.int64)
-            if hi - lo == n:
-                keep[k].fill_(1)
-            else:
-                keep[k].zero_().index_fill_(0, idx, 1)
+            torch.ge(state.rank[k], lo, out=keep[k])
+            keep[k].mul_(torch.lt(state.rank[k], hi, out=below))
             f = 1.0
             if options.rescale and d < 1:
-                kept = float(state.taus[k, idx].float().abs().sum(dtype=torch.float64))
+                absb = _abs_into(state.taus[k], ws.get("abs", n))
+                kept = float(torch.dot(absb, keep[k]))
                 f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
-            num.append(cand.weights[k] * f)
+            num.append(fk * f)
         return keep, torch.tensor(num, dtype=torch.float32, device=state.taus.device)
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
+        if ctx is not None:
+            lo, hi, factors, dens, scale = ctx[id(state)]
+            F.run("breadcrumbs", ws.compiled, dst, state.taus, base, state.rank, lo, hi, factors, dens, cand.coeffs,
+                  state.l1t, scale, self.ties, options.normalize, options.rescale)
+            return
         keep, num = self._keep(state, cand, ws, options)
-        if self.ties and not ws.compiled:
+        if self.ties:
             masked_ties(dst, base, state.taus, keep, num, cand.coeffs, cand.scale, options.normalize, ws)
             return
-        if self.ties:
-            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
-            F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, num)
-            return
-        total = sum(cand.weights)
-        if options.normalize and abs(total) >= 1e-8:
-            num = num / total
         keep.mul_(state.taus)  # the kept tau values (fp32) overwrite the mask
         _affine(base, keep, num * cand.scale, dst, ws)
 
