@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
     [("ties", {}), ("ties", {"density_grid": None, "normalize": False}), ("dare_ties", {"rescale": "l1"}), ("dare_linear", {"normalize": True}),
      ("della", {}), ("della", {"normalize": False, "rescale": False, "epsilon": 0.05}), ("della_linear", {"normalize": True}),
      ("breadcrumbs_ties", {"normalize": True, "rescale": True}), ("breadcrumbs", {}), ("breadcrumbs", {"normalize": True, "rescale": True, "gamma": 0.1}),
-     ("breadcrumbs_ties", {})],
+     ("breadcrumbs_ties", {}), ("sce", {}), ("sce", {"select_topk": 0.5})],
 )
 def test_compiled_kernels_match_reference(method, options):
     torch.set_num_threads(1)

@@ -262,6 +262,18 @@ def breadcrumbs_kernel(
     out.copy_(base.float() + scale * delta)
 
 
+def sce_kernel(out: torch.Tensor, kept: torch.Tensor, base: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor) -> None:
+    """``out = base + scale * sum_k coef_k kept_k / max(sum_k coef_k [kept_k != 0], 1e-6)``
+    (SCE's weighted mean over the agreeing experts): one pass over the kept values."""
+    num = torch.zeros_like(base, dtype=torch.float32)
+    den = torch.zeros_like(base, dtype=torch.float32)
+    for k in range(kept.shape[0]):
+        x = kept[k].float()
+        num = num + coef[k] * x
+        den = den + torch.where(x != 0, coef[k], 0.0)
+    out.copy_(base.float() + scale * (num / den.clamp(min=1e-6)))
+
+
 def affine_kernel(out: torch.Tensor, base: torch.Tensor, taus: torch.Tensor, coeffs: torch.Tensor, beta: torch.Tensor) -> None:
     """``out = beta*base + sum_k coeffs_k taus_k`` in float32 for a low-precision cache.
 
@@ -299,6 +311,7 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
         "dare": dare_kernel,
         "della": della_kernel,
         "breadcrumbs": breadcrumbs_kernel,
+        "sce": sce_kernel,
         "affine": affine_kernel,
     }[name]
     if not compiled or _FAILED:

@@ -237,8 +237,7 @@ class SceOptions(MethodOptions):
 
 @dataclass
 class SceState:
-    kept: torch.Tensor  # (T, n): selected task vectors where they agree with the elected sign
-    agree: torch.Tensor  # (T, n) 0/1
+    kept: torch.Tensor  # (T, n): selected task vectors where they agree with the elected sign, else 0
     tvw: torch.Tensor  # (T,) float32: mean-square weights of the selected task vectors
 
 
@@ -275,22 +274,32 @@ class Sce(_Base):
     fp32_dst_only = True
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
-        return 2 * elem * n_experts * math.prod(shape)
+        return elem * n_experts * math.prod(shape)
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
-        return 3, "4*3*max_numel"
+        return 4, "4*4*max_numel"  # eager: numerator, divisor, one expert's agreement, out
 
     def prepare_tensor(self, info, base, taus, options) -> SceState:
         tv, agree, w = sce_select(taus, options.select_topk)
-        return SceState((tv * agree).to(info.cache_dtype), agree.to(info.cache_dtype), w)
+        return SceState((tv * agree).to(info.cache_dtype), w.to(base.device))
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
-        n = base.numel()
+        """The agreement mask is not stored: an entry agrees exactly where its kept value is
+        nonzero (``sign(tv) == elected`` needs ``tv != 0``), so a build reads the kept
+        values and the base once, like task arithmetic."""
         coef = cand.coeffs * state.tvw
+        if ws.compiled:
+            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+            F.run("sce", True, dst, state.kept, base, coef, scale)
+            return
+        n = base.numel()
         num = ws.get("num", n)
-        den = ws.get("den", n)
+        den = ws.get("den", n).zero_()
+        agree = ws.get("agree", n)
         _affine(base, state.kept, coef, num, ws, beta=0.0)
-        _affine(base, state.agree, coef, den, ws, beta=0.0)
+        for k, ck in enumerate(coef.tolist()):
+            torch.ne(state.kept[k], 0, out=agree)
+            den.add_(agree, alpha=ck)
         den.clamp_(min=1e-6)
         num.div_(den)
         torch.add(base, num, alpha=cand.scale, out=dst)
