@@ -50,3 +50,22 @@ def test_compiled_dare_l1_rescale_is_accurate_on_large_tensors():
     genome = Genome.from_values({"a": 0.6, "b": 0.4}, {"a": 0.66, "b": 0.5}, 1.0, ["a", "b"])
     compiled, eager = (build(prepare(pool, "dare_ties", {"rescale": "l1"}, fused=f), genome)["emb"] for f in (True, False))
     torch.testing.assert_close(compiled, eager, atol=1e-7, rtol=1e-6)
+
+
+def test_compiled_della_with_kept_l1_table_matches_reference():
+    """Big tensors: the rescale comes from prepare's kept-L1 table, not a sum in the kernel."""
+    torch.set_num_threads(1)
+    from evomerge.merge import Genome, StatePool
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(320, 256, generator=g), "v": torch.randn(64, generator=g)}
+    experts = {f"e{k}": {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in base.items()} for k in range(3)}
+    pool = StatePool(base, experts)
+    rng = random.Random(3)
+    for method in ("della", "della_linear"):
+        cache = prepare(pool, method, {}, fused=True)
+        for _ in range(3):
+            genome = Genome.from_values([rng.uniform(0.1, 1.5) for _ in range(3)], [rng.uniform(0.05, 0.95) for _ in range(3)], 1.0)
+            out, ref = build(cache, genome), merge_uncached(pool, method, {}, genome)
+            for name in ref:
+                torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)

@@ -400,6 +400,37 @@ def della_rank_fraction(tau: torch.Tensor) -> torch.Tensor:
     return (rank.to(torch.float32) / (cols - 1)).reshape(-1)
 
 
+DELLA_GRID = 65536  # DELLA's densities snap to g/65536, g in [1, 65535], inside (0, 1)
+
+
+def della_level(density: float) -> int:
+    """DELLA mask level of a density: 0 keeps none (``d <= 0``), ``DELLA_GRID`` keeps all
+    (``d >= 1``); inside ``(0, 1)`` the nearest ``g/65536`` with ``1 <= g <= 65535``."""
+    if density >= 1:
+        return DELLA_GRID
+    if density <= 0:
+        return 0
+    return min(DELLA_GRID - 1, max(1, round(density * DELLA_GRID)))
+
+
+def della_thresholds(epsilon: float) -> torch.Tensor:
+    """float32 ``thr[g] = g/65536 - eps`` for g in ``[0, 65536]``: level g keeps ``s < thr[g]``."""
+    return (torch.arange(DELLA_GRID + 1, dtype=torch.float64) / DELLA_GRID - epsilon).to(torch.float32)
+
+
+def della_quantiles(s: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DELLA's keep scores ``s`` as 16-bit levels ``v`` with ``v < g`` exactly when
+    ``s < thr[g]`` for every level ``1 <= g <= 65535``, as (high byte, low byte) uint8 planes.
+
+    ``v + 1`` is the first level whose float32 threshold exceeds ``s`` (clamped to
+    ``[1, 65536]``), found by a binary search in the thresholds the reference compares
+    with, so the stored levels reproduce its masks bit for bit.
+    """
+    thr = della_thresholds(epsilon).to(s.device)
+    v = torch.searchsorted(thr, s.float().contiguous(), right=True).clamp_(1, DELLA_GRID).sub_(1).to(torch.int32)
+    return (v >> 8).to(torch.uint8), (v & 0xFF).to(torch.uint8)
+
+
 def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """Weighted Karcher (Frechet) mean on the unit sphere, rescaled by ``sum a_k ||x_k||``.
 
