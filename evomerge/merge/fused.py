@@ -180,6 +180,46 @@ def dare_kernel(
     out.copy_(base.float() + scale * delta)
 
 
+def della_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    s: torch.Tensor,
+    thr: torch.Tensor,
+    dens: torch.Tensor,
+    factors: torch.Tensor,
+    coeffs: torch.Tensor,
+    l1_before: torch.Tensor,
+    scale: torch.Tensor,
+    ties: bool,
+    normalize: bool,
+    rescale: bool,
+) -> None:
+    """``out = base + scale * DELLA(taus)``: keep ``s < thr_k`` (``s = u - 2 eps r`` from
+    prepare, ``thr_k`` the float32 threshold of the density's level, +-inf for densities 1
+    and 0), scale by ``factors_k`` (times the L1-matching ratio with ``rescale``: tensors
+    without a kept-L1 table, a second pass), then TIES consensus or a sum.
+    """
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k].float()
+        m = torch.where(s[k] < thr[k], x, 0.0)
+        f = factors[k]
+        if rescale:  # float64 sum, as the DARE kernel's (a compiled fp32 reduction drifts)
+            after = m.abs().sum(dtype=torch.float64)
+            before = l1_before[k].to(torch.float64)
+            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1) & (dens[k] > 0)
+            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+        ws.append(m * f)
+    if ties:
+        delta = _consensus(ws, coeffs, normalize)
+    else:
+        delta = ws[0]
+        for w in ws[1:]:
+            delta = delta + w
+    out.copy_(base.float() + scale * delta)
+
+
 def breadcrumbs_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
@@ -269,6 +309,7 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
         "ties_cut": ties_cut_kernel,
         "ties_masked": ties_masked_kernel,
         "dare": dare_kernel,
+        "della": della_kernel,
         "breadcrumbs": breadcrumbs_kernel,
         "sce": sce_kernel,
         "affine": affine_kernel,

@@ -414,21 +414,21 @@ def della_level(density: float) -> int:
 
 
 def della_thresholds(epsilon: float) -> torch.Tensor:
-    """float32 ``thr[g] = g/65536 - eps`` for g in ``[0, 65536]``: level g keeps ``s < thr[g]``."""
+    """float32 ``thr[g] = g/65536 - eps`` for g in ``[0, 65536]``: level g keeps ``s < thr[g]``
+    (``0 < d < 1``; level 0 and 65536 stand for ``d <= 0`` and ``d >= 1``: none and all)."""
     return (torch.arange(DELLA_GRID + 1, dtype=torch.float64) / DELLA_GRID - epsilon).to(torch.float32)
 
 
-def della_quantiles(s: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DELLA's keep scores ``s`` as 16-bit levels ``v`` with ``v < g`` exactly when
-    ``s < thr[g]`` for every level ``1 <= g <= 65535``, as (high byte, low byte) uint8 planes.
+def della_levels(s: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The level ``v`` (int64, ``[0, 65535]``) at which each keep score enters: ``v < g``
+    exactly when ``s < thr[g]``, for every level ``1 <= g <= 65535``.
 
     ``v + 1`` is the first level whose float32 threshold exceeds ``s`` (clamped to
-    ``[1, 65536]``), found by a binary search in the thresholds the reference compares
-    with, so the stored levels reproduce its masks bit for bit.
+    ``[1, 65536]``), found by a binary search in the very thresholds a build compares
+    with; prepare bins the kept L1 norm by it.
     """
     thr = della_thresholds(epsilon).to(s.device)
-    v = torch.searchsorted(thr, s.float().contiguous(), right=True).clamp_(1, DELLA_GRID).sub_(1).to(torch.int32)
-    return (v >> 8).to(torch.uint8), (v & 0xFF).to(torch.uint8)
+    return torch.searchsorted(thr, s.float().contiguous(), right=True).clamp_(1, DELLA_GRID).sub_(1)
 
 
 def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:

@@ -58,8 +58,7 @@ class DellaLinearOptions(DellaOptions):
 @dataclass
 class DellaState:
     taus: torch.Tensor  # (T, n)
-    q_hi: torch.Tensor  # (T, n) uint8: high byte of each entry's 16-bit keep level (kept at level g where v < g)
-    q_lo: torch.Tensor  # (T, n) uint8: low byte
+    s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept at level g where s < thr[g]
     l1: list[float]  # ||tau_k||_1
     l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
     kept_l1: torch.Tensor | None  # (T, 65536) float64 on the host: ||kept||_1 at each level (tensors >= 65536 entries)
@@ -76,14 +75,14 @@ class Della(_Base):
     weighted mean (``della``) or a weighted sum (``della_linear``).
 
     The Bernoulli draws come from the keyed uniform field ``u`` of DARE (same candidate,
-    same mask; masks nest across densities): an entry is kept where ``s = u - 2 eps r``
-    is below ``d - eps``. Densities inside ``(0, 1)`` snap to the nearest ``g/65536``
-    (``1 <= g <= 65535``, as DARE's), which lets ``prepare`` keep ``s`` as the 16-bit
-    level ``v`` at which each entry enters (2 B per element and expert: kept where
-    ``v < g``, exactly the reference's ``s < thr[g]``) and, for tensors of at least 65536
-    entries, the L1 norm of the kept delta at every level (512 KB per tensor and expert),
-    so a build is one pass: byte compares, the rescale a table lookup. Smaller tensors sum
-    the kept L1 in the kernel. Probabilities outside ``[0, 1]`` are clamped (mergekit
+    same mask; masks nest across densities): ``prepare`` keeps ``s = u - 2 eps r``
+    (4 B per element and expert) and an entry is kept where ``s`` is below
+    ``thr[g] = float32(g/65536 - eps)``: densities inside ``(0, 1)`` snap to the nearest
+    ``g/65536`` (``1 <= g <= 65535``, as DARE's), so that for tensors of at least 65536
+    entries ``prepare`` can also tabulate the L1 norm of the kept delta at every level
+    (512 KB per tensor and expert). A build is then one pass (a float compare per expert,
+    the rescale a table lookup); smaller tensors sum the kept L1 in the kernel, a second
+    pass. Probabilities outside ``[0, 1]`` are clamped (mergekit
     refuses ``d +- eps`` outside ``(0, 1)``; the mergekit config reader does too).
     """
 
@@ -95,30 +94,27 @@ class Della(_Base):
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
         table = 8 * K.DELLA_GRID if options.rescale and n >= L1_TABLE_MIN else 0
-        return n_experts * ((elem + 2) * n + table)
+        return n_experts * ((elem + 4) * n + table)
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
-        return 2 * n_experts + 4, "4*(2T+4)*max_numel"  # masks, |tau|, out; eager TIES: sum and sign; bool compares
+        return 2 * n_experts + 3, "4*(2T+3)*max_numel"  # masks, |tau|, out; eager TIES: sum and sign
 
     def prepare_tensor(self, info, base, taus, options) -> DellaState:
         stack = _stack(taus, info.cache_dtype)
         n = stack.shape[1]
-        q_hi = torch.empty(stack.shape, dtype=torch.uint8, device=stack.device)
-        q_lo = torch.empty_like(q_hi)
+        s = torch.empty(stack.shape, dtype=torch.float32, device=stack.device)
         table = options.rescale and n >= L1_TABLE_MIN
         kept_l1 = torch.empty((stack.shape[0], K.DELLA_GRID), dtype=torch.float64) if table else None
-        s = torch.empty(n, dtype=torch.float32, device=stack.device)
-        for k, e in enumerate(info.expert_names):  # one field at a time: prepare's peak stays small
-            K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s)
+        for k, e in enumerate(info.expert_names):
+            K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
             # ranks from the unrounded task vectors: a bf16 cache keeps the fp32 cache's masks
-            s.sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
-            q_hi[k], q_lo[k] = K.della_quantiles(s, options.epsilon)
-            if kept_l1 is not None:  # level g keeps v < g: ||kept||_1 at g is the sum over levels below g
-                v = q_hi[k].to(torch.int64) * 256 + q_lo[k].to(torch.int64)
-                hist = torch.bincount(v, weights=stack[k].abs().to(torch.float64), minlength=K.DELLA_GRID)
+            s[k].sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+            if kept_l1 is not None:  # level g keeps v < g: ||kept||_1 at g is the sum over the levels below g
+                hist = torch.bincount(K.della_levels(s[k], options.epsilon), weights=stack[k].abs().to(torch.float64),
+                                      minlength=K.DELLA_GRID)
                 kept_l1[k] = torch.cumsum(hist, 0).cpu()  # [g - 1]: what level g keeps
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return DellaState(stack, q_hi, q_lo, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device), kept_l1)
+        return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device), kept_l1)
 
     def _factors(self, state: DellaState, cand: Candidate, levels: list[int], options: Any) -> tuple[list[float], bool]:
         """Kept-value multipliers ``c_k`` (``/ sum c`` for della_linear with normalize), times
@@ -144,41 +140,43 @@ class Della(_Base):
             return None
         dev = states[0].taus.device
         levels = {id(c): [K.della_level(d) for d in c.densities] for c in candidates}
-        ints, floats, in_kernel = [], [], []
+        thr_table = K.della_thresholds(options.epsilon).tolist()  # float32 values, exact as doubles
+        rows, in_kernel = [], []
         for state, g in zip(states, groups):
             cand = candidates[g]
             lv = levels[id(cand)]
             factors, l1 = self._factors(state, cand, lv, options)
-            ints.append([*(v >> 8 for v in lv), *(v & 0xFF for v in lv)])
-            floats.append([*cand.densities, *factors, cand.scale])
+            thr = [self._threshold(v, thr_table) for v in lv]
+            rows.append([*thr, *cand.densities, *factors, cand.scale])
             in_kernel.append(l1)
         t = len(candidates[0].weights)
-        ints_t = torch.tensor(ints, dtype=torch.int32).to(dev)
-        floats_t = torch.tensor(floats, dtype=torch.float64).to(dev).to(torch.float32)  # one rounding, as torch.tensor(list)
+        floats_t = torch.tensor(rows, dtype=torch.float64).to(dev).to(torch.float32)  # one rounding, as torch.tensor(list)
         return {
-            id(s): (ints_t[i, :t], ints_t[i, t:], floats_t[i, :t], floats_t[i, t : 2 * t], floats_t[i, 2 * t], in_kernel[i])
+            id(s): (floats_t[i, :t], floats_t[i, t : 2 * t], floats_t[i, 2 * t : 3 * t], floats_t[i, 3 * t], in_kernel[i])
             for i, s in enumerate(states)
         }
 
+    @staticmethod
+    def _threshold(level: int, thr_table: list[float]) -> float:
+        """``s < threshold`` keeps an entry: +inf keeps all (d >= 1), -inf none (d <= 0)."""
+        return math.inf if level >= K.DELLA_GRID else -math.inf if level <= 0 else thr_table[level]
+
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if ctx is not None:
-            level_hi, level_lo, dens, factors, scale, l1 = ctx[id(state)]
-            F.run("dare", ws.compiled, dst, state.taus, base, state.q_hi, state.q_lo, level_hi, level_lo, dens, factors,
-                  cand.coeffs, state.l1t, scale, self.ties, options.normalize, l1)
+            thr, dens, factors, scale, l1 = ctx[id(state)]
+            F.run("della", ws.compiled, dst, state.taus, base, state.s, thr, dens, factors, cand.coeffs, state.l1t, scale,
+                  self.ties, options.normalize, l1)
             return
         t, n = state.taus.shape
         keep = ws.get("keep", t * n).view(t, n)
-        b1, b2 = ws.get("b1", n, torch.bool), ws.get("b2", n, torch.bool)
         levels = [K.della_level(d) for d in cand.densities]
         factors, l1 = self._factors(state, cand, levels, options)
+        thr_table = K.della_thresholds(options.epsilon)
         for k, g in enumerate(levels):
-            if g >= K.DELLA_GRID or g <= 0:  # all / none (256 would not fit the uint8 compare)
+            if g >= K.DELLA_GRID or g <= 0:
                 keep[k].fill_(1 if g > 0 else 0)
-            else:  # v < g on the two byte planes
-                torch.eq(state.q_hi[k], g >> 8, out=b1)
-                b1.logical_and_(torch.lt(state.q_lo[k], g & 0xFF, out=b2))
-                b1.logical_or_(torch.lt(state.q_hi[k], g >> 8, out=b2))
-                keep[k].copy_(b1)
+            else:
+                torch.lt(state.s[k], thr_table[g], out=keep[k])
             d = cand.densities[k]
             if l1 and 0 < d < 1:
                 kept = float(torch.dot(_abs_into(state.taus[k], ws.get("abs", n)), keep[k]))
