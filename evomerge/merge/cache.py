@@ -260,8 +260,8 @@ def estimate_cache_bytes(
         "dare_linear": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
         "dare_ties": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
         "slerp": "{e}*P + {e}*P",
-        "breadcrumbs": "{e}*P + {e}*T*P + magnitude ranks 4*T*P",
-        "breadcrumbs_ties": "{e}*P + {e}*T*P + magnitude ranks 4*T*P",
+        "breadcrumbs": "{e}*P + {e}*T*P + sort order 4*T*P (+ 4/256 B sampled magnitudes, rescale 8/256 B prefix sums)",
+        "breadcrumbs_ties": "{e}*P + {e}*T*P + sort order 4*T*P (+ 4/256 B sampled magnitudes, rescale 8/256 B prefix sums)",
         "tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
         "r_tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
     }.get(method, "{e}*P + state").format(e=elem) + f" + scratch {scratch}"

@@ -224,35 +224,24 @@ def breadcrumbs_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
     base: torch.Tensor,
-    rank: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
     factors: torch.Tensor,
-    dens: torch.Tensor,
     coeffs: torch.Tensor,
-    l1_before: torch.Tensor,
     scale: torch.Tensor,
     ties: bool,
     normalize: bool,
-    rescale: bool,
 ) -> None:
-    """``out = base + scale * breadcrumbs(taus)``: expert k keeps the entries whose stored
-    magnitude rank is in ``[lo_k, hi_k)``, scaled by ``factors_k`` (times the L1-matching
-    ratio with ``rescale``: a second pass, the kept sum is needed first), then TIES
-    consensus or a sum. Without ``rescale`` one pass reads the cache and the ranks once.
+    """``out = base + scale * breadcrumbs(taus)``: expert k keeps ``lo_k < |x| < hi_k`` (the
+    band of ranks as a band of magnitudes; the caller fixes the entries of runs of equal
+    magnitudes that straddle a cut), scaled by ``factors_k``, then TIES consensus or a
+    sum. One pass that reads the cache and the base once, like task arithmetic.
     """
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k].float()
-        r = rank[k]
-        m = torch.where((r >= lo[k]) & (r < hi[k]), x, 0.0)
-        f = factors[k]
-        if rescale:
-            after = m.abs().sum(dtype=torch.float64)
-            before = l1_before[k].to(torch.float64)
-            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1)
-            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
-        ws.append(m * f)
+        a = x.abs()
+        ws.append(torch.where((a > lo[k]) & (a < hi[k]), x * factors[k], 0.0))
     if ties:
         delta = _consensus(ws, coeffs, normalize)
     else:

@@ -452,12 +452,27 @@ def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
     return top, top + k
 
 
+BREADCRUMBS_BLOCK = 256  # ranks per sampled magnitude / L1 prefix sum
+
+
 @dataclass
 class BreadcrumbsState:
     taus: torch.Tensor  # (T, n)
-    rank: torch.Tensor  # (T, n) int32: each entry's position in the descending-|tau| order (mergekit's CPU argsort)
+    order: torch.Tensor  # (T, n) int32: descending-|tau| order (mergekit's CPU argsort)
+    samples: torch.Tensor  # (T, ceil(n/B)) float32: |tau| at ranks 0, B, 2B, ... (B = BREADCRUMBS_BLOCK), on the host
+    csum: torch.Tensor | None  # (T, ceil(n/B) + 1) float64: L1 of the first j*B ranks, on the host (rescale only)
     l1: list[float]  # ||tau_k||_1
-    l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
+
+
+@dataclass
+class BandPlan:
+    """One tensor's breadcrumbs masks for one candidate: expert k keeps ``lo_k < |x| < hi_k``
+    plus the listed indices (entries tied with a cut value whose rank is inside the band)."""
+
+    lo: list[float]  # float32 values
+    hi: list[float]
+    factors: list[float]  # kept-value multipliers (weights, L1 rescale, / sum c)
+    ties: list[torch.Tensor | None]  # per expert: flat indices kept besides the strict band
 
 
 @register_method("breadcrumbs")
@@ -466,10 +481,14 @@ class Breadcrumbs(_Base):
     the ``K = int(d*n)`` largest ``|tau|`` after dropping the ``gamma`` outliers on top,
     optionally rescale to the L1 norm, then a weighted sum (``/ sum c`` with normalize).
 
-    The sort is done once in prepare and kept as each entry's rank (4 B per element and
-    expert); the band of ranks a density keeps is ``lo <= rank < hi``, so a build is one
-    streaming compare per expert (fused with the merge when compiled) and any density is
-    exact, ties included: the ranks are mergekit's (unstable) argsort positions.
+    The sort is done once in prepare (the int32 order, 4 B per element and expert, plus
+    every 256th sorted magnitude and, with rescale, L1 prefix sums every 256 ranks). The
+    kept band of ranks ``[lo, hi)`` is then a band of magnitudes: a build reads the two
+    cut magnitudes and compares ``|tau|`` with them in the same pass that merges (no
+    extra bytes per element). Entries tied with a cut value are kept exactly as
+    mergekit's (unstable) argsort orders them: when a run of equal magnitudes straddles a
+    cut, the band excludes the value and the run's in-band ranks are listed (a slice of
+    the order), then those few outputs are recomputed. Any density is exact.
     """
 
     options_model = BreadcrumbsOptions
@@ -477,72 +496,148 @@ class Breadcrumbs(_Base):
     ties: ClassVar[bool] = False
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
-        return (elem + 4) * n_experts * math.prod(shape)
+        n = math.prod(shape)
+        blocks = -(-n // BREADCRUMBS_BLOCK)
+        return n_experts * ((elem + 4) * n + 4 * blocks + (8 * (blocks + 1) if options.rescale else 0))
 
     def prepare_tensor(self, info, base, taus, options) -> BreadcrumbsState:
         stack = _stack(taus, info.cache_dtype)
-        n = stack.shape[1]
-        rank = torch.empty(stack.shape, dtype=torch.int32)
-        positions = torch.arange(n, dtype=torch.int32)
+        t, n = stack.shape
+        order = torch.empty((t, n), dtype=torch.int32)
+        blocks = -(-n // BREADCRUMBS_BLOCK)
+        samples = torch.empty((t, blocks), dtype=torch.float32)
+        csum = torch.zeros((t, blocks + 1), dtype=torch.float64) if options.rescale else None
         for k, row in enumerate(stack):
-            order = torch.argsort(row.abs().float().cpu(), descending=True)  # mergekit's order (ties included)
-            rank[k].index_copy_(0, order, positions)
+            mags = row.abs().float().cpu()
+            o = torch.argsort(mags, descending=True)  # mergekit's order (ties included)
+            order[k] = o.to(torch.int32)
+            desc = mags[o]
+            samples[k] = desc[::BREADCRUMBS_BLOCK]
+            if csum is not None:
+                pad = torch.zeros(blocks * BREADCRUMBS_BLOCK, dtype=torch.float64)
+                pad[:n] = desc.double()
+                csum[k, 1:] = torch.cumsum(pad.view(blocks, -1).sum(1), 0)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return BreadcrumbsState(stack, rank.to(stack.device), l1, torch.tensor(l1, dtype=torch.float32, device=stack.device))
+        return BreadcrumbsState(stack, order.to(stack.device), samples, csum, l1)
 
-    def _factors(self, cand: Candidate, options: Any) -> list[float]:
-        """Kept-value multipliers before the rescale: ``c_k`` (``/ sum c`` for the normalised sum)."""
+    # -- per-candidate band lookups (a handful of small gathers per tensor)
+    @staticmethod
+    def _mags(state: BreadcrumbsState, k: int, lo: int, hi: int) -> torch.Tensor:
+        """Sorted magnitudes at ranks ``[lo, hi)`` (float32, on the host)."""
+        idx = state.order[k, lo:hi].to(torch.int64)
+        return state.taus[k, idx].abs().float().cpu()
+
+    def _run_edge(self, state: BreadcrumbsState, k: int, a: float, end: bool) -> int:
+        """First rank with ``|x| < a`` (``end``) or with ``|x| <= a`` (the start of ``a``'s run)."""
+        n = state.taus.shape[1]
+        b = BREADCRUMBS_BLOCK
+        neg = -state.samples[k]  # ascending
+        j = int(torch.searchsorted(neg, torch.tensor([-a], dtype=torch.float32), right=end))
+        lo = max(0, (j - 1) * b)
+        window = self._mags(state, k, lo, min(j * b + 1, n))
+        return lo + int((window >= a).sum() if end else (window > a).sum())
+
+    def _kept_l1(self, state: BreadcrumbsState, k: int, lo: int, hi: int) -> float:
+        assert state.csum is not None
+        b = BREADCRUMBS_BLOCK
+
+        def prefix(r: int) -> float:
+            j = r // b
+            return float(state.csum[k, j]) + float(self._mags(state, k, j * b, r).double().sum())
+
+        return prefix(hi) - prefix(lo)
+
+    def _plan(self, state: BreadcrumbsState, cand: Candidate, options: Any) -> BandPlan:
+        t, n = state.taus.shape
         total = sum(cand.weights)
         div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
-        return [w / div for w in cand.weights]
+        bands = [breadcrumbs_band(n, d, options.gamma) for d in cand.densities]
+        # magnitudes just outside and at both ends of every band: one gather for all experts
+        probe = torch.tensor([[max(lo - 1, 0), min(lo, n - 1), max(hi - 1, 0), min(hi, n - 1)] for lo, hi in bands],
+                             dtype=torch.int64, device=state.order.device)
+        m = state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).abs().float().cpu()
+        inf = torch.tensor(math.inf)
+        up, down = torch.nextafter(m, inf), torch.nextafter(m, -inf)  # float32 neighbours
+        lo_t, hi_t, factors, ties = [], [], [], []
+        for k, (lo, hi) in enumerate(bands):
+            f = cand.weights[k] / div
+            tie = None
+            if hi <= lo:
+                lo_t.append(math.inf), hi_t.append(math.inf)
+            elif hi - lo >= n:
+                lo_t.append(-math.inf), hi_t.append(math.inf)
+            else:
+                prev, top, bot, nxt = m[k].tolist()
+                lists = []
+                if lo > 0 and prev == top:  # the run of the top value straddles the outlier cut
+                    hi_t.append(top)
+                    lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
+                else:
+                    hi_t.append(float(up[k, 1]))  # |x| <= top
+                if hi < n and nxt == bot:  # the run of the bottom value straddles the K-th cut
+                    lo_t.append(bot)
+                    lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
+                else:
+                    lo_t.append(float(down[k, 2]))  # |x| >= bot
+                tie = torch.cat(lists).to(torch.int64) if lists else None
+                if options.rescale:
+                    kept = self._kept_l1(state, k, lo, hi)
+                    if kept >= 1e-7 and state.l1[k] >= 1e-7:
+                        f *= state.l1[k] / kept
+            factors.append(f)
+            ties.append(tie)
+        return BandPlan(lo_t, hi_t, factors, ties)
 
     def begin_build(self, states, candidates, groups, options, ws) -> Any:
-        """Compiled builds: every tensor's rank bands and each group's factors, sent to the
-        device in one copy each (per-tensor copies of a few numbers would stall a GPU)."""
+        """Compiled builds: every tensor's bands and factors, sent to the device in one copy."""
         if not ws.compiled or not states:
             return None
         dev = states[0].taus.device
-        bands = []
-        for state, g in zip(states, groups):
-            n = state.taus.shape[1]
-            lohi = [breadcrumbs_band(n, d, options.gamma) for d in candidates[g].densities]
-            bands.append([lo for lo, _ in lohi] + [hi for _, hi in lohi])
+        plans = [self._plan(s, candidates[g], options) for s, g in zip(states, groups)]
         t = len(candidates[0].weights)
-        band_t = torch.tensor(bands, dtype=torch.int32).to(dev)
-        floats = torch.tensor([[*self._factors(c, options), *c.densities, c.scale] for c in candidates], dtype=torch.float32).to(dev)
-        rows = {id(c): (f[:t], f[t : 2 * t], f[2 * t]) for c, f in zip(candidates, floats)}
-        return {id(s): (band_t[i, :t], band_t[i, t:], *rows[id(candidates[g])]) for i, (s, g) in enumerate(zip(states, groups))}
-
-    def _keep(self, state: BreadcrumbsState, cand: Candidate, ws: Workspace, options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eager path: 0/1 masks of the kept bands and the kept-value multipliers."""
-        t, n = state.taus.shape
-        keep = ws.get("keep", t * n).view(t, n)
-        below = ws.get("below", n, torch.bool)
-        num = []
-        for k, (d, fk) in enumerate(zip(cand.densities, self._factors(cand, options))):
-            lo, hi = breadcrumbs_band(n, d, options.gamma)
-            torch.ge(state.rank[k], lo, out=keep[k])
-            keep[k].mul_(torch.lt(state.rank[k], hi, out=below))
-            f = 1.0
-            if options.rescale and d < 1:
-                absb = _abs_into(state.taus[k], ws.get("abs", n))
-                kept = float(torch.dot(absb, keep[k]))
-                f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
-            num.append(fk * f)
-        return keep, torch.tensor(num, dtype=torch.float32, device=state.taus.device)
+        rows = torch.tensor([[*p.lo, *p.hi, *p.factors, candidates[g].scale] for p, g in zip(plans, groups)], dtype=torch.float32).to(dev)
+        return {id(s): (rows[i, :t], rows[i, t : 2 * t], rows[i, 2 * t : 3 * t], rows[i, 3 * t], p)
+                for i, (s, p) in enumerate(zip(states, plans))}
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if ctx is not None:
-            lo, hi, factors, dens, scale = ctx[id(state)]
-            F.run("breadcrumbs", ws.compiled, dst, state.taus, base, state.rank, lo, hi, factors, dens, cand.coeffs,
-                  state.l1t, scale, self.ties, options.normalize, options.rescale)
+            lo, hi, factors, scale, plan = ctx[id(state)]
+            F.run("breadcrumbs", ws.compiled, dst, state.taus, base, lo, hi, factors, cand.coeffs, scale, self.ties, options.normalize)
+            lists = [x for x in plan.ties if x is not None]
+            if lists:  # entries tied with a straddled cut: recompute those outputs with the exact masks
+                self._fix_ties(state, base, cand, dst, plan, torch.unique(torch.cat(lists)), lo, hi, factors, scale, options)
             return
-        keep, num = self._keep(state, cand, ws, options)
+        plan = self._plan(state, cand, options)
+        t, n = state.taus.shape
+        keep = ws.get("keep", t * n).view(t, n)
+        absb = ws.get("abs", n)
+        below = ws.get("below", n, torch.bool)
+        for k in range(t):
+            _abs_into(state.taus[k], absb)
+            torch.gt(absb, plan.lo[k], out=keep[k])
+            keep[k].mul_(torch.lt(absb, plan.hi[k], out=below))
+            if plan.ties[k] is not None:
+                keep[k].index_fill_(0, plan.ties[k], 1)
+        num = torch.tensor(plan.factors, dtype=torch.float32, device=state.taus.device)
         if self.ties:
             masked_ties(dst, base, state.taus, keep, num, cand.coeffs, cand.scale, options.normalize, ws)
             return
         keep.mul_(state.taus)  # the kept tau values (fp32) overwrite the mask
         _affine(base, keep, num * cand.scale, dst, ws)
+
+    def _fix_ties(self, state, base, cand, dst, plan: BandPlan, idx, lo, hi, factors, scale, options) -> None:
+        x = state.taus[:, idx].float()  # (T, m)
+        a = x.abs()
+        keep = (a > lo[:, None]) & (a < hi[:, None])
+        for k, tie in enumerate(plan.ties):
+            if tie is not None:
+                keep[k, torch.searchsorted(idx, tie)] = True
+        ws_ = [torch.where(keep[k], x[k] * factors[k], 0.0) for k in range(x.shape[0])]
+        if self.ties:
+            delta = F._consensus(ws_, cand.coeffs, options.normalize)
+        else:
+            delta = torch.stack(ws_).sum(0)
+        dst.index_copy_(0, idx, (base[idx].float() + scale * delta).to(dst.dtype))
 
 
 @register_method("breadcrumbs_ties")
