@@ -6,6 +6,7 @@ Kept free of pools, caches and genomes so each block can be tested on hand tenso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -411,6 +412,12 @@ def della_level(density: float) -> int:
     if density <= 0:
         return 0
     return min(DELLA_GRID - 1, max(1, round(density * DELLA_GRID)))
+
+
+@functools.lru_cache(maxsize=8)
+def della_threshold_list(epsilon: float) -> tuple[float, ...]:
+    """:func:`della_thresholds` as Python floats (exact: float32 values), computed once per epsilon."""
+    return tuple(della_thresholds(epsilon).tolist())
 
 
 def della_thresholds(epsilon: float) -> torch.Tensor:

@@ -459,7 +459,7 @@ BREADCRUMBS_BLOCK = 256  # ranks per sampled magnitude / L1 prefix sum
 class BreadcrumbsState:
     taus: torch.Tensor  # (T, n)
     order: torch.Tensor  # (T, n) int32: descending-|tau| order (mergekit's CPU argsort)
-    samples: torch.Tensor  # (T, ceil(n/B)) float32: |tau| at ranks 0, B, 2B, ... (B = BREADCRUMBS_BLOCK), on the host
+    neg_samples: torch.Tensor  # (T, ceil(n/B)) float32: -|tau| at ranks 0, B, 2B, ... (B = BREADCRUMBS_BLOCK; ascending), host
     csum: torch.Tensor | None  # (T, ceil(n/B) + 1) float64: L1 of the first j*B ranks, on the host (rescale only)
     l1: list[float]  # ||tau_k||_1
 
@@ -505,20 +505,20 @@ class Breadcrumbs(_Base):
         t, n = stack.shape
         order = torch.empty((t, n), dtype=torch.int32)
         blocks = -(-n // BREADCRUMBS_BLOCK)
-        samples = torch.empty((t, blocks), dtype=torch.float32)
+        neg_samples = torch.empty((t, blocks), dtype=torch.float32)
         csum = torch.zeros((t, blocks + 1), dtype=torch.float64) if options.rescale else None
         for k, row in enumerate(stack):
             mags = row.abs().float().cpu()
             o = torch.argsort(mags, descending=True)  # mergekit's order (ties included)
             order[k] = o.to(torch.int32)
             desc = mags[o]
-            samples[k] = desc[::BREADCRUMBS_BLOCK]
+            neg_samples[k] = -desc[::BREADCRUMBS_BLOCK]
             if csum is not None:
                 pad = torch.zeros(blocks * BREADCRUMBS_BLOCK, dtype=torch.float64)
                 pad[:n] = desc.double()
                 csum[k, 1:] = torch.cumsum(pad.view(blocks, -1).sum(1), 0)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return BreadcrumbsState(stack, order.to(stack.device), samples, csum, l1)
+        return BreadcrumbsState(stack, order.to(stack.device), neg_samples, csum, l1)
 
     # -- per-candidate band lookups (a handful of small gathers per tensor)
     @staticmethod
@@ -531,8 +531,7 @@ class Breadcrumbs(_Base):
         """First rank with ``|x| < a`` (``end``) or with ``|x| <= a`` (the start of ``a``'s run)."""
         n = state.taus.shape[1]
         b = BREADCRUMBS_BLOCK
-        neg = -state.samples[k]  # ascending
-        j = int(torch.searchsorted(neg, torch.tensor([-a], dtype=torch.float32), right=end))
+        j = int(torch.searchsorted(state.neg_samples[k], -a, right=end))
         lo = max(0, (j - 1) * b)
         window = self._mags(state, k, lo, min(j * b + 1, n))
         return lo + int((window >= a).sum() if end else (window > a).sum())
@@ -557,7 +556,8 @@ class Breadcrumbs(_Base):
                              dtype=torch.int64, device=state.order.device)
         m = state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).abs().float().cpu()
         inf = torch.tensor(math.inf)
-        up, down = torch.nextafter(m, inf), torch.nextafter(m, -inf)  # float32 neighbours
+        up, down = torch.nextafter(m[:, 1], inf).tolist(), torch.nextafter(m[:, 2], -inf).tolist()  # float32 neighbours
+        mags = m.tolist()
         lo_t, hi_t, factors, ties = [], [], [], []
         for k, (lo, hi) in enumerate(bands):
             f = cand.weights[k] / div
@@ -567,18 +567,18 @@ class Breadcrumbs(_Base):
             elif hi - lo >= n:
                 lo_t.append(-math.inf), hi_t.append(math.inf)
             else:
-                prev, top, bot, nxt = m[k].tolist()
+                prev, top, bot, nxt = mags[k]
                 lists = []
                 if lo > 0 and prev == top:  # the run of the top value straddles the outlier cut
                     hi_t.append(top)
                     lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
                 else:
-                    hi_t.append(float(up[k, 1]))  # |x| <= top
+                    hi_t.append(up[k])  # |x| <= top
                 if hi < n and nxt == bot:  # the run of the bottom value straddles the K-th cut
                     lo_t.append(bot)
                     lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
                 else:
-                    lo_t.append(float(down[k, 2]))  # |x| >= bot
+                    lo_t.append(down[k])  # |x| >= bot
                 tie = torch.cat(lists).to(torch.int64) if lists else None
                 if options.rescale:
                     kept = self._kept_l1(state, k, lo, hi)

@@ -140,7 +140,7 @@ class Della(_Base):
             return None
         dev = states[0].taus.device
         levels = {id(c): [K.della_level(d) for d in c.densities] for c in candidates}
-        thr_table = K.della_thresholds(options.epsilon).tolist()  # float32 values, exact as doubles
+        thr_table = K.della_threshold_list(options.epsilon)  # float32 values, exact as doubles
         rows, in_kernel = [], []
         for state, g in zip(states, groups):
             cand = candidates[g]
@@ -157,7 +157,7 @@ class Della(_Base):
         }
 
     @staticmethod
-    def _threshold(level: int, thr_table: list[float]) -> float:
+    def _threshold(level: int, thr_table: tuple[float, ...]) -> float:
         """``s < threshold`` keeps an entry: +inf keeps all (d >= 1), -inf none (d <= 0)."""
         return math.inf if level >= K.DELLA_GRID else -math.inf if level <= 0 else thr_table[level]
 
@@ -171,7 +171,7 @@ class Della(_Base):
         keep = ws.get("keep", t * n).view(t, n)
         levels = [K.della_level(d) for d in cand.densities]
         factors, l1 = self._factors(state, cand, levels, options)
-        thr_table = K.della_thresholds(options.epsilon)
+        thr_table = K.della_threshold_list(options.epsilon)
         for k, g in enumerate(levels):
             if g >= K.DELLA_GRID or g <= 0:
                 keep[k].fill_(1 if g > 0 else 0)
