@@ -569,14 +569,17 @@ class Breadcrumbs(_Base):
             else:
                 prev, top, bot, nxt = mags[k]
                 lists = []
+                # (a run of zeros needs no list: a kept zero adds nothing, and TIES counts only nonzero votes)
                 if lo > 0 and prev == top:  # the run of the top value straddles the outlier cut
                     hi_t.append(top)
-                    lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
+                    if top > 0:
+                        lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
                 else:
                     hi_t.append(up[k])  # |x| <= top
                 if hi < n and nxt == bot:  # the run of the bottom value straddles the K-th cut
                     lo_t.append(bot)
-                    lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
+                    if bot > 0:
+                        lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
                 else:
                     lo_t.append(down[k])  # |x| >= bot
                 tie = torch.cat(lists).to(torch.int64) if lists else None
