@@ -472,7 +472,7 @@ class BandPlan:
     lo: list[float]  # float32 values
     hi: list[float]
     factors: list[float]  # kept-value multipliers (weights, L1 rescale, / sum c)
-    ties: list[torch.Tensor | None]  # per expert: flat indices kept besides the strict band
+    ties: list[torch.Tensor | None]  # per expert: flat indices kept besides the strict band (no repeats)
 
 
 @register_method("breadcrumbs")
@@ -582,6 +582,8 @@ class Breadcrumbs(_Base):
                         lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
                 else:
                     lo_t.append(down[k])  # |x| >= bot
+                if len(lists) == 2 and top == bot:  # one run holds the whole band: both lists are order[lo:hi]
+                    lists = lists[:1]
                 tie = torch.cat(lists).to(torch.int64) if lists else None
                 if options.rescale:
                     kept = self._kept_l1(state, k, lo, hi)
@@ -607,7 +609,11 @@ class Breadcrumbs(_Base):
             lo, hi, factors, scale, plan = ctx[id(state)]
             F.run("breadcrumbs", ws.compiled, dst, state.taus, base, lo, hi, factors, cand.coeffs, scale, self.ties, options.normalize)
             lists = [x for x in plan.ties if x is not None]
-            if lists:  # entries tied with a straddled cut: recompute those outputs with the exact masks
+            if lists and not self.ties:  # a sum: add the listed (in-band, tied) entries' terms
+                for k, tie in enumerate(plan.ties):
+                    if tie is not None:
+                        dst.index_add_(0, tie, (state.taus[k, tie].float() * (factors[k] * scale)).to(dst.dtype))
+            elif lists:  # TIES: recompute the outputs at the listed entries with the exact masks
                 self._fix_ties(state, base, cand, dst, plan, torch.unique(torch.cat(lists)), lo, hi, factors, scale, options)
             return
         plan = self._plan(state, cand, options)
