@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
+import time
 
 import torch
 
@@ -55,19 +57,21 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--skip-uncached", nargs="*", default=[], help="methods whose uncached timing is skipped")
     ap.add_argument("--new", action="store_true", help="the mergekit methods of issue #15 (with task_arithmetic as a "
                     "reference), cached builds only: prints each one's fraction of plain-copy throughput")
     args = ap.parse_args()
     if args.new:
-        args.methods, args.skip_uncached = NEW, [m.split(" ")[0] for m in NEW]
+        args.methods, args.skip_uncached = args.methods or NEW, [m.split(" ")[0] for m in METHODS]
+    args.methods = args.methods or list(METHODS)
     torch.set_num_threads(args.threads)
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
     params = sum(torch.Size(s).numel() for s in shapes.values())
     copy_bps = copy_bandwidth(4 * params * (args.experts + 2))
     print(f"pool: P={params / 1e6:.1f}M params per model, T={args.experts} experts, threads={args.threads}")
-    print(f"plain torch copy: {copy_bps / 1e9:.2f} GB/s (read+write)")
+    print(f"plain torch copy: {copy_bps / 1e9:.2f} GB/s (read+write)"
+          + (" at the start; 'vs copy': median of builds each timed next to a copy of the same bytes" if args.new else ""))
     print(f"{'method':18s} {'cached s':>9s} {'uncached s':>11s} {'speedup':>8s} {'GB/s':>7s} {'vs copy':>8s}")
     rng = random.Random(0)
     for label in args.methods:
@@ -79,17 +83,40 @@ def main() -> None:
         out = {n: torch.empty(s) for n, s in shapes.items()}
         genomes = [Genome.from_values([rng.uniform(0.2, 1) for _ in range(t)], [rng.uniform(0.2, 0.9) for _ in range(t)], 1.0) for _ in range(8)]
         it = iter(genomes * 100)
-        cached = timeit(lambda: build(cache, next(it), out=out), repeats=args.repeats)
         moved = 4 * params * (t + 2)
+        if args.new:  # a loaded machine: each build is timed next to a copy of the same bytes
+            cached, ratio = interleaved(lambda: build(cache, next(it), out=out), moved, args.repeats)
+        else:
+            cached = timeit(lambda: build(cache, next(it), out=out), repeats=args.repeats)
+            ratio = moved / cached / copy_bps
         if method in args.skip_uncached:
             uncached = float("nan")
         else:
             uncached = timeit(lambda: merge_uncached(pool, method, METHODS[label], genomes[0]), repeats=1, warmup=0)
         print(
-            f"{label:18s} {cached:9.3f} {uncached:11.3f} {uncached / cached:7.1f}x {moved / cached / 1e9:7.2f} {moved / cached / copy_bps:7.0%}",
+            f"{label:18s} {cached:9.3f} {uncached:11.3f} {uncached / cached:7.1f}x {moved / cached / 1e9:7.2f} {ratio:7.0%}",
             flush=True,
         )
         del cache, pool, base, experts, out
+
+
+def interleaved(fn, nbytes: int, repeats: int) -> tuple[float, float]:
+    """Median build seconds and the median ratio of build to copy throughput, each build
+    timed right after a plain copy of ``nbytes`` (so load that changes over the run moves
+    both); one warm-up build first."""
+    n = nbytes // 8  # float32 elements: the copy reads 4n and writes 4n bytes
+    src, dst = torch.randn(n), torch.empty(n)
+    fn()
+    times, ratios = [], []
+    for _ in range(max(repeats, 5)):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))  # same bytes: throughput ratio = time ratio
+    return statistics.median(times), statistics.median(ratios)
 
 
 if __name__ == "__main__":

@@ -219,3 +219,39 @@ def test_genome_values_by_name_and_groups():
     g = Genome.from_values({"b": 0.2, "a": 0.8}, {"a": [0.1, 0.2], "b": [0.3, 0.4]}, 1.5, ["a", "b"])
     assert g.weights == ((0.8, 0.2), (0.8, 0.2)) and g.densities == ((0.1, 0.3), (0.2, 0.4)) and g.scale == 1.5
     assert Genome.from_values(**{k: v for k, v in g.to_dict(["a", "b"]).items() if k != "scale"}, expert_names=["a", "b"]).weights == g.weights
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_kept_l1_table_equals_uncached(method):
+    """Tensors of >= 65536 entries take DELLA's rescale from the kept-L1 table built in prepare."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(320, 256, generator=g), "v": torch.randn(64, generator=g)}
+    experts = {f"e{k}": {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in base.items()} for k in range(3)}
+    pool = StatePool(base, experts)
+    rng = random.Random(11)
+    for options in ({}, {"normalize": True, "epsilon": 0.3}):
+        cache = prepare(pool, method, options)
+        assert cache.plans[0].state.kept_l1 is not None and cache.plans[1].state.kept_l1 is None
+        for _ in range(4):
+            genome = Genome.from_values([rng.uniform(0.1, 1.5) for _ in range(3)], [rng.uniform(0.05, 0.95) for _ in range(3)], 1.0)
+            out, ref = build(cache, genome), merge_uncached(pool, method, options, genome)
+            for name in ref:
+                torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_heavy_ties_equal_uncached(method):
+    """Deltas with a handful of distinct magnitudes: runs of equal |tau| straddle both cuts
+    (the outlier cut and the K-th entry) for most densities, and mergekit's argsort decides."""
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(96, 700, generator=g), "v": torch.randn(300, generator=g)}
+    experts = {f"e{k}": {n: t + torch.randint(-3, 4, t.shape, generator=g).float() / 64 for n, t in base.items()} for k in range(3)}
+    pool = StatePool(base, experts)
+    rng = random.Random(4)
+    for options in ({"gamma": 0.1}, {"gamma": 0.02, "rescale": True, "normalize": True}):
+        cache = prepare(pool, method, options)
+        for _ in range(5):
+            genome = Genome.from_values([rng.uniform(0.1, 1.5) for _ in range(3)], [rng.uniform(0.05, 0.95) for _ in range(3)], 1.0)
+            out, ref = build(cache, genome), merge_uncached(pool, method, options, genome)
+            for name in ref:
+                torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)

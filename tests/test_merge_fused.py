@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
     "method,options",
     [("ties", {}), ("ties", {"density_grid": None, "normalize": False}), ("dare_ties", {"rescale": "l1"}), ("dare_linear", {"normalize": True}),
      ("della", {}), ("della", {"normalize": False, "rescale": False, "epsilon": 0.05}), ("della_linear", {"normalize": True}),
-     ("breadcrumbs_ties", {"normalize": True, "rescale": True})],
+     ("breadcrumbs_ties", {"normalize": True, "rescale": True}), ("breadcrumbs", {}), ("breadcrumbs", {"normalize": True, "rescale": True, "gamma": 0.1}),
+     ("breadcrumbs_ties", {}), ("sce", {}), ("sce", {"select_topk": 0.5})],
 )
 def test_compiled_kernels_match_reference(method, options):
     torch.set_num_threads(1)
@@ -49,3 +50,42 @@ def test_compiled_dare_l1_rescale_is_accurate_on_large_tensors():
     genome = Genome.from_values({"a": 0.6, "b": 0.4}, {"a": 0.66, "b": 0.5}, 1.0, ["a", "b"])
     compiled, eager = (build(prepare(pool, "dare_ties", {"rescale": "l1"}, fused=f), genome)["emb"] for f in (True, False))
     torch.testing.assert_close(compiled, eager, atol=1e-7, rtol=1e-6)
+
+
+def test_compiled_della_with_kept_l1_table_matches_reference():
+    """Big tensors: the rescale comes from prepare's kept-L1 table, not a sum in the kernel."""
+    torch.set_num_threads(1)
+    from evomerge.merge import Genome, StatePool
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(320, 256, generator=g), "v": torch.randn(64, generator=g)}
+    experts = {f"e{k}": {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in base.items()} for k in range(3)}
+    pool = StatePool(base, experts)
+    rng = random.Random(3)
+    for method in ("della", "della_linear"):
+        cache = prepare(pool, method, {}, fused=True)
+        for _ in range(3):
+            genome = Genome.from_values([rng.uniform(0.1, 1.5) for _ in range(3)], [rng.uniform(0.05, 0.95) for _ in range(3)], 1.0)
+            out, ref = build(cache, genome), merge_uncached(pool, method, {}, genome)
+            for name in ref:
+                torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_compiled_breadcrumbs_with_straddling_ties_matches_reference(method):
+    """The compiled band compare plus the recomputed tied entries equal the reference."""
+    torch.set_num_threads(1)
+    from evomerge.merge import Genome, StatePool
+
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(96, 700, generator=g), "v": torch.randn(300, generator=g)}
+    experts = {f"e{k}": {n: t + torch.randint(-3, 4, t.shape, generator=g).float() / 64 for n, t in base.items()} for k in range(3)}
+    pool = StatePool(base, experts)
+    rng = random.Random(4)
+    for options in ({"gamma": 0.1}, {"gamma": 0.02, "rescale": True, "normalize": True}):
+        cache = prepare(pool, method, options, fused=True)
+        for _ in range(4):
+            genome = Genome.from_values([rng.uniform(0.1, 1.5) for _ in range(3)], [rng.uniform(0.05, 0.95) for _ in range(3)], 1.0)
+            out, ref = build(cache, genome), merge_uncached(pool, method, options, genome)
+            for name in ref:
+                torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)

@@ -226,10 +226,10 @@ def scratch_elements(method: str, options: MethodOptions, n_experts: int) -> tup
         return n_experts + 2, "4*(T+2)*max_numel"
     if method in ("tsvm", "r_tsvm") and getattr(options, "storage", "") == "factored":
         return 3, "4*3*max_numel"
-    if method == "breadcrumbs_ties":  # eager TIES (masked_ties): masks, |values|, sum, sign, out
-        return 2 * n_experts + 3, "4*(2T+3)*max_numel"
-    if method in ("breadcrumbs", "breadcrumbs_ties"):
-        return n_experts + 1, "4*(T+1)*max_numel"
+    if method == "breadcrumbs_ties":  # eager TIES (masked_ties): masks, |values|, sum, sign, out; a bool compare
+        return 2 * n_experts + 4, "4*(2T+4)*max_numel"
+    if method in ("breadcrumbs", "breadcrumbs_ties"):  # eager: masks, |values|, out, a bool compare
+        return n_experts + 3, "4*(T+3)*max_numel"
     return 1, "4*max_numel"
 
 
@@ -260,8 +260,8 @@ def estimate_cache_bytes(
         "dare_linear": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
         "dare_ties": "{e}*P + {e}*T*P + 16-bit mask quantiles 2*T*P",
         "slerp": "{e}*P + {e}*P",
-        "breadcrumbs": "{e}*P + {e}*T*P + sort order 4*T*P",
-        "breadcrumbs_ties": "{e}*P + {e}*T*P + sort order 4*T*P",
+        "breadcrumbs": "{e}*P + {e}*T*P + sort order 4*T*P (+ 4/256 B sampled magnitudes, rescale 8/256 B prefix sums)",
+        "breadcrumbs_ties": "{e}*P + {e}*T*P + sort order 4*T*P (+ 4/256 B sampled magnitudes, rescale 8/256 B prefix sums)",
         "tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
         "r_tsvm": "{e}*P + dense {e}*T*P | factored {e}*(m+n)*T*(min(m,n)//T) per matrix",
     }.get(method, "{e}*P + state").format(e=elem) + f" + scratch {scratch}"

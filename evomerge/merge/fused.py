@@ -196,9 +196,9 @@ def della_kernel(
     rescale: bool,
 ) -> None:
     """``out = base + scale * DELLA(taus)``: keep ``s < thr_k`` (``s = u - 2 eps r`` from
-    prepare, ``thr_k = d_k - eps``, +-inf for densities 1 and 0), scale by ``factors_k``
-    times the L1-matching ratio (``rescale``), then TIES consensus or a sum: one pass over
-    the cache instead of a mask, a dot product and a consensus per expert.
+    prepare, ``thr_k`` the float32 threshold of the density's level, +-inf for densities 1
+    and 0), scale by ``factors_k`` (times the L1-matching ratio with ``rescale``: tensors
+    without a kept-L1 table, a second pass), then TIES consensus or a sum.
     """
     ws = []
     for k in range(taus.shape[0]):
@@ -218,6 +218,49 @@ def della_kernel(
         for w in ws[1:]:
             delta = delta + w
     out.copy_(base.float() + scale * delta)
+
+
+def breadcrumbs_kernel(
+    out: torch.Tensor,
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    factors: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: torch.Tensor,
+    ties: bool,
+    normalize: bool,
+) -> None:
+    """``out = base + scale * breadcrumbs(taus)``: expert k keeps ``lo_k < |x| < hi_k`` (the
+    band of ranks as a band of magnitudes; the caller fixes the entries of runs of equal
+    magnitudes that straddle a cut), scaled by ``factors_k``, then TIES consensus or a
+    sum. One pass that reads the cache and the base once, like task arithmetic.
+    """
+    ws = []
+    for k in range(taus.shape[0]):
+        x = taus[k].float()
+        a = x.abs()
+        ws.append(torch.where((a > lo[k]) & (a < hi[k]), x * factors[k], 0.0))
+    if ties:
+        delta = _consensus(ws, coeffs, normalize)
+    else:
+        delta = ws[0]
+        for w in ws[1:]:
+            delta = delta + w
+    out.copy_(base.float() + scale * delta)
+
+
+def sce_kernel(out: torch.Tensor, kept: torch.Tensor, base: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor) -> None:
+    """``out = base + scale * sum_k coef_k kept_k / max(sum_k coef_k [kept_k != 0], 1e-6)``
+    (SCE's weighted mean over the agreeing experts): one pass over the kept values."""
+    num = torch.zeros_like(base, dtype=torch.float32)
+    den = torch.zeros_like(base, dtype=torch.float32)
+    for k in range(kept.shape[0]):
+        x = kept[k].float()
+        num = num + coef[k] * x
+        den = den + torch.where(x != 0, coef[k], 0.0)
+    out.copy_(base.float() + scale * (num / den.clamp(min=1e-6)))
 
 
 def affine_kernel(out: torch.Tensor, base: torch.Tensor, taus: torch.Tensor, coeffs: torch.Tensor, beta: torch.Tensor) -> None:
@@ -256,6 +299,8 @@ def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
         "ties_masked": ties_masked_kernel,
         "dare": dare_kernel,
         "della": della_kernel,
+        "breadcrumbs": breadcrumbs_kernel,
+        "sce": sce_kernel,
         "affine": affine_kernel,
     }[name]
     if not compiled or _FAILED:

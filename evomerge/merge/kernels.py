@@ -6,6 +6,7 @@ Kept free of pools, caches and genomes so each block can be tested on hand tenso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -398,6 +399,43 @@ def della_rank_fraction(tau: torch.Tensor) -> torch.Tensor:
     ar = torch.arange(cols, device=x.device).expand_as(order)
     rank.scatter_(1, order, ar)
     return (rank.to(torch.float32) / (cols - 1)).reshape(-1)
+
+
+DELLA_GRID = 65536  # DELLA's densities snap to g/65536, g in [1, 65535], inside (0, 1)
+
+
+def della_level(density: float) -> int:
+    """DELLA mask level of a density: 0 keeps none (``d <= 0``), ``DELLA_GRID`` keeps all
+    (``d >= 1``); inside ``(0, 1)`` the nearest ``g/65536`` with ``1 <= g <= 65535``."""
+    if density >= 1:
+        return DELLA_GRID
+    if density <= 0:
+        return 0
+    return min(DELLA_GRID - 1, max(1, round(density * DELLA_GRID)))
+
+
+@functools.lru_cache(maxsize=8)
+def della_threshold_list(epsilon: float) -> tuple[float, ...]:
+    """:func:`della_thresholds` as Python floats (exact: float32 values), computed once per epsilon."""
+    return tuple(della_thresholds(epsilon).tolist())
+
+
+def della_thresholds(epsilon: float) -> torch.Tensor:
+    """float32 ``thr[g] = g/65536 - eps`` for g in ``[0, 65536]``: level g keeps ``s < thr[g]``
+    (``0 < d < 1``; level 0 and 65536 stand for ``d <= 0`` and ``d >= 1``: none and all)."""
+    return (torch.arange(DELLA_GRID + 1, dtype=torch.float64) / DELLA_GRID - epsilon).to(torch.float32)
+
+
+def della_levels(s: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The level ``v`` (int64, ``[0, 65535]``) at which each keep score enters: ``v < g``
+    exactly when ``s < thr[g]``, for every level ``1 <= g <= 65535``.
+
+    ``v + 1`` is the first level whose float32 threshold exceeds ``s`` (clamped to
+    ``[1, 65536]``), found by a binary search in the very thresholds a build compares
+    with; prepare bins the kept L1 norm by it.
+    """
+    thr = della_thresholds(epsilon).to(s.device)
+    return torch.searchsorted(thr, s.float().contiguous(), right=True).clamp_(1, DELLA_GRID).sub_(1)
 
 
 def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:

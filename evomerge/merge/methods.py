@@ -452,11 +452,27 @@ def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
     return top, top + k
 
 
+BREADCRUMBS_BLOCK = 256  # ranks per sampled magnitude / L1 prefix sum
+
+
 @dataclass
 class BreadcrumbsState:
     taus: torch.Tensor  # (T, n)
     order: torch.Tensor  # (T, n) int32: descending-|tau| order (mergekit's CPU argsort)
+    neg_samples: torch.Tensor  # (T, ceil(n/B)) float32: -|tau| at ranks 0, B, 2B, ... (B = BREADCRUMBS_BLOCK; ascending), host
+    csum: torch.Tensor | None  # (T, ceil(n/B) + 1) float64: L1 of the first j*B ranks, on the host (rescale only)
     l1: list[float]  # ||tau_k||_1
+
+
+@dataclass
+class BandPlan:
+    """One tensor's breadcrumbs masks for one candidate: expert k keeps ``lo_k < |x| < hi_k``
+    plus the listed indices (entries tied with a cut value whose rank is inside the band)."""
+
+    lo: list[float]  # float32 values
+    hi: list[float]
+    factors: list[float]  # kept-value multipliers (weights, L1 rescale, / sum c)
+    ties: list[torch.Tensor | None]  # per expert: flat indices kept besides the strict band (no repeats)
 
 
 @register_method("breadcrumbs")
@@ -465,8 +481,14 @@ class Breadcrumbs(_Base):
     the ``K = int(d*n)`` largest ``|tau|`` after dropping the ``gamma`` outliers on top,
     optionally rescale to the L1 norm, then a weighted sum (``/ sum c`` with normalize).
 
-    The sort is done once in prepare (4 B per element and expert); a build scatters the
-    kept band of ranks into a 0/1 mask, so any density is exact.
+    The sort is done once in prepare (the int32 order, 4 B per element and expert, plus
+    every 256th sorted magnitude and, with rescale, L1 prefix sums every 256 ranks). The
+    kept band of ranks ``[lo, hi)`` is then a band of magnitudes: a build reads the two
+    cut magnitudes and compares ``|tau|`` with them in the same pass that merges (no
+    extra bytes per element). Entries tied with a cut value are kept exactly as
+    mergekit's (unstable) argsort orders them: when a run of equal magnitudes straddles a
+    cut, the band excludes the value and the run's in-band ranks are listed (a slice of
+    the order), then those few outputs are recomputed. Any density is exact.
     """
 
     options_model = BreadcrumbsOptions
@@ -474,46 +496,157 @@ class Breadcrumbs(_Base):
     ties: ClassVar[bool] = False
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
-        return (elem + 4) * n_experts * math.prod(shape)
+        n = math.prod(shape)
+        blocks = -(-n // BREADCRUMBS_BLOCK)
+        return n_experts * ((elem + 4) * n + 4 * blocks + (8 * (blocks + 1) if options.rescale else 0))
 
     def prepare_tensor(self, info, base, taus, options) -> BreadcrumbsState:
         stack = _stack(taus, info.cache_dtype)
-        order = torch.stack([torch.argsort(row.abs().float().cpu(), descending=True).to(torch.int32) for row in stack])
+        t, n = stack.shape
+        order = torch.empty((t, n), dtype=torch.int32)
+        blocks = -(-n // BREADCRUMBS_BLOCK)
+        neg_samples = torch.empty((t, blocks), dtype=torch.float32)
+        csum = torch.zeros((t, blocks + 1), dtype=torch.float64) if options.rescale else None
+        for k, row in enumerate(stack):
+            mags = row.abs().float().cpu()
+            o = torch.argsort(mags, descending=True)  # mergekit's order (ties included)
+            order[k] = o.to(torch.int32)
+            desc = mags[o]
+            neg_samples[k] = -desc[::BREADCRUMBS_BLOCK]
+            if csum is not None:
+                pad = torch.zeros(blocks * BREADCRUMBS_BLOCK, dtype=torch.float64)
+                pad[:n] = desc.double()
+                csum[k, 1:] = torch.cumsum(pad.view(blocks, -1).sum(1), 0)
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return BreadcrumbsState(stack, order.to(stack.device), l1)
+        return BreadcrumbsState(stack, order.to(stack.device), neg_samples, csum, l1)
 
-    def _keep(self, state: BreadcrumbsState, cand: Candidate, ws: Workspace, options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    # -- per-candidate band lookups (a handful of small gathers per tensor)
+    @staticmethod
+    def _mags(state: BreadcrumbsState, k: int, lo: int, hi: int) -> torch.Tensor:
+        """Sorted magnitudes at ranks ``[lo, hi)`` (float32, on the host)."""
+        idx = state.order[k, lo:hi].to(torch.int64)
+        return state.taus[k, idx].abs().float().cpu()
+
+    def _run_edge(self, state: BreadcrumbsState, k: int, a: float, end: bool) -> int:
+        """First rank with ``|x| < a`` (``end``) or with ``|x| <= a`` (the start of ``a``'s run)."""
+        n = state.taus.shape[1]
+        b = BREADCRUMBS_BLOCK
+        j = int(torch.searchsorted(state.neg_samples[k], -a, right=end))
+        lo = max(0, (j - 1) * b)
+        window = self._mags(state, k, lo, min(j * b + 1, n))
+        return lo + int((window >= a).sum() if end else (window > a).sum())
+
+    def _kept_l1(self, state: BreadcrumbsState, k: int, lo: int, hi: int) -> float:
+        assert state.csum is not None
+        b = BREADCRUMBS_BLOCK
+
+        def prefix(r: int) -> float:
+            j = r // b
+            return float(state.csum[k, j]) + float(self._mags(state, k, j * b, r).double().sum())
+
+        return prefix(hi) - prefix(lo)
+
+    def _plan(self, state: BreadcrumbsState, cand: Candidate, options: Any) -> BandPlan:
         t, n = state.taus.shape
-        keep = ws.get("keep", t * n).view(t, n)
-        num = []
-        for k, d in enumerate(cand.densities):
-            lo, hi = breadcrumbs_band(n, d, options.gamma)
-            idx = state.order[k, lo:hi].to(torch.int64)
-            if hi - lo == n:
-                keep[k].fill_(1)
+        total = sum(cand.weights)
+        div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
+        bands = [breadcrumbs_band(n, d, options.gamma) for d in cand.densities]
+        # magnitudes just outside and at both ends of every band: one gather for all experts
+        probe = torch.tensor([[max(lo - 1, 0), min(lo, n - 1), max(hi - 1, 0), min(hi, n - 1)] for lo, hi in bands],
+                             dtype=torch.int64, device=state.order.device)
+        m = state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).abs().float().cpu()
+        inf = torch.tensor(math.inf)
+        up, down = torch.nextafter(m[:, 1], inf).tolist(), torch.nextafter(m[:, 2], -inf).tolist()  # float32 neighbours
+        mags = m.tolist()
+        lo_t, hi_t, factors, ties = [], [], [], []
+        for k, (lo, hi) in enumerate(bands):
+            f = cand.weights[k] / div
+            tie = None
+            if hi <= lo:
+                lo_t.append(math.inf), hi_t.append(math.inf)
+            elif hi - lo >= n:
+                lo_t.append(-math.inf), hi_t.append(math.inf)
             else:
-                keep[k].zero_().index_fill_(0, idx, 1)
-            f = 1.0
-            if options.rescale and d < 1:
-                kept = float(state.taus[k, idx].float().abs().sum(dtype=torch.float64))
-                f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
-            num.append(cand.weights[k] * f)
-        return keep, torch.tensor(num, dtype=torch.float32, device=state.taus.device)
+                prev, top, bot, nxt = mags[k]
+                lists = []
+                # (a run of zeros needs no list: a kept zero adds nothing, and TIES counts only nonzero votes)
+                if lo > 0 and prev == top:  # the run of the top value straddles the outlier cut
+                    hi_t.append(top)
+                    if top > 0:
+                        lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
+                else:
+                    hi_t.append(up[k])  # |x| <= top
+                if hi < n and nxt == bot:  # the run of the bottom value straddles the K-th cut
+                    lo_t.append(bot)
+                    if bot > 0:
+                        lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
+                else:
+                    lo_t.append(down[k])  # |x| >= bot
+                if len(lists) == 2 and top == bot:  # one run holds the whole band: both lists are order[lo:hi]
+                    lists = lists[:1]
+                tie = torch.cat(lists).to(torch.int64) if lists else None
+                if options.rescale:
+                    kept = self._kept_l1(state, k, lo, hi)
+                    if kept >= 1e-7 and state.l1[k] >= 1e-7:
+                        f *= state.l1[k] / kept
+            factors.append(f)
+            ties.append(tie)
+        return BandPlan(lo_t, hi_t, factors, ties)
+
+    def begin_build(self, states, candidates, groups, options, ws) -> Any:
+        """Compiled builds: every tensor's bands and factors, sent to the device in one copy."""
+        if not ws.compiled or not states:
+            return None
+        dev = states[0].taus.device
+        plans = [self._plan(s, candidates[g], options) for s, g in zip(states, groups)]
+        t = len(candidates[0].weights)
+        rows = torch.tensor([[*p.lo, *p.hi, *p.factors, candidates[g].scale] for p, g in zip(plans, groups)], dtype=torch.float32).to(dev)
+        return {id(s): (rows[i, :t], rows[i, t : 2 * t], rows[i, 2 * t : 3 * t], rows[i, 3 * t], p)
+                for i, (s, p) in enumerate(zip(states, plans))}
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
-        keep, num = self._keep(state, cand, ws, options)
-        if self.ties and not ws.compiled:
+        if ctx is not None:
+            lo, hi, factors, scale, plan = ctx[id(state)]
+            F.run("breadcrumbs", ws.compiled, dst, state.taus, base, lo, hi, factors, cand.coeffs, scale, self.ties, options.normalize)
+            lists = [x for x in plan.ties if x is not None]
+            if lists and not self.ties:  # a sum: add the listed (in-band, tied) entries' terms
+                for k, tie in enumerate(plan.ties):
+                    if tie is not None:
+                        dst.index_add_(0, tie, (state.taus[k, tie].float() * (factors[k] * scale)).to(dst.dtype))
+            elif lists:  # TIES: recompute the outputs at the listed entries with the exact masks
+                self._fix_ties(state, base, cand, dst, plan, torch.unique(torch.cat(lists)), lo, hi, factors, scale, options)
+            return
+        plan = self._plan(state, cand, options)
+        t, n = state.taus.shape
+        keep = ws.get("keep", t * n).view(t, n)
+        absb = ws.get("abs", n)
+        below = ws.get("below", n, torch.bool)
+        for k in range(t):
+            _abs_into(state.taus[k], absb)
+            torch.gt(absb, plan.lo[k], out=keep[k])
+            keep[k].mul_(torch.lt(absb, plan.hi[k], out=below))
+            if plan.ties[k] is not None:
+                keep[k].index_fill_(0, plan.ties[k], 1)
+        num = torch.tensor(plan.factors, dtype=torch.float32, device=state.taus.device)
+        if self.ties:
             masked_ties(dst, base, state.taus, keep, num, cand.coeffs, cand.scale, options.normalize, ws)
             return
-        if self.ties:
-            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
-            F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, num)
-            return
-        total = sum(cand.weights)
-        if options.normalize and abs(total) >= 1e-8:
-            num = num / total
         keep.mul_(state.taus)  # the kept tau values (fp32) overwrite the mask
         _affine(base, keep, num * cand.scale, dst, ws)
+
+    def _fix_ties(self, state, base, cand, dst, plan: BandPlan, idx, lo, hi, factors, scale, options) -> None:
+        x = state.taus[:, idx].float()  # (T, m)
+        a = x.abs()
+        keep = (a > lo[:, None]) & (a < hi[:, None])
+        for k, tie in enumerate(plan.ties):
+            if tie is not None:
+                keep[k, torch.searchsorted(idx, tie)] = True
+        ws_ = [torch.where(keep[k], x[k] * factors[k], 0.0) for k in range(x.shape[0])]
+        if self.ties:
+            delta = F._consensus(ws_, cand.coeffs, options.normalize)
+        else:
+            delta = torch.stack(ws_).sum(0)
+        dst.index_copy_(0, idx, (base[idx].float() + scale * delta).to(dst.dtype))
 
 
 @register_method("breadcrumbs_ties")

@@ -58,9 +58,13 @@ class DellaLinearOptions(DellaOptions):
 @dataclass
 class DellaState:
     taus: torch.Tensor  # (T, n)
-    s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept where s < d - eps
+    s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept at level g where s < thr[g]
     l1: list[float]  # ||tau_k||_1
     l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
+    kept_l1: torch.Tensor | None  # (T, 65536) float64 on the host: ||kept||_1 at each level (tensors >= 65536 entries)
+
+
+L1_TABLE_MIN = K.DELLA_GRID  # tensors at least this large get a kept-L1 table (8 B per level and expert)
 
 
 @register_method("della")
@@ -71,10 +75,15 @@ class Della(_Base):
     weighted mean (``della``) or a weighted sum (``della_linear``).
 
     The Bernoulli draws come from the keyed uniform field ``u`` of DARE (same candidate,
-    same mask; masks nest across densities). ``prepare`` keeps ``s = u - 2 eps r``
-    (4 B per element and expert), so a build is one compare ``s < d - eps``.
-    Probabilities outside ``[0, 1]`` are clamped (mergekit refuses ``d +- eps`` outside
-    ``(0, 1)``; the mergekit config reader does too).
+    same mask; masks nest across densities): ``prepare`` keeps ``s = u - 2 eps r``
+    (4 B per element and expert) and an entry is kept where ``s`` is below
+    ``thr[g] = float32(g/65536 - eps)``: densities inside ``(0, 1)`` snap to the nearest
+    ``g/65536`` (``1 <= g <= 65535``, as DARE's), so that for tensors of at least 65536
+    entries ``prepare`` can also tabulate the L1 norm of the kept delta at every level
+    (512 KB per tensor and expert). A build is then one pass (a float compare per expert,
+    the rescale a table lookup); smaller tensors sum the kept L1 in the kernel, a second
+    pass. Probabilities outside ``[0, 1]`` are clamped (mergekit
+    refuses ``d +- eps`` outside ``(0, 1)``; the mergekit config reader does too).
     """
 
     options_model = DellaOptions
@@ -83,70 +92,100 @@ class Della(_Base):
     ties: ClassVar[bool] = True
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
-        return (elem + 4) * n_experts * math.prod(shape)
+        n = math.prod(shape)
+        table = 8 * K.DELLA_GRID if options.rescale and n >= L1_TABLE_MIN else 0
+        return n_experts * ((elem + 4) * n + table)
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
         return 2 * n_experts + 3, "4*(2T+3)*max_numel"  # masks, |tau|, out; eager TIES: sum and sign
 
     def prepare_tensor(self, info, base, taus, options) -> DellaState:
         stack = _stack(taus, info.cache_dtype)
+        n = stack.shape[1]
         s = torch.empty(stack.shape, dtype=torch.float32, device=stack.device)
+        table = options.rescale and n >= L1_TABLE_MIN
+        kept_l1 = torch.empty((stack.shape[0], K.DELLA_GRID), dtype=torch.float64) if table else None
         for k, e in enumerate(info.expert_names):
             K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
             # ranks from the unrounded task vectors: a bf16 cache keeps the fp32 cache's masks
             s[k].sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+            if kept_l1 is not None:  # level g keeps v < g: ||kept||_1 at g is the sum over the levels below g
+                hist = torch.bincount(K.della_levels(s[k], options.epsilon), weights=stack[k].abs().to(torch.float64),
+                                      minlength=K.DELLA_GRID)
+                kept_l1[k] = torch.cumsum(hist, 0).cpu()  # [g - 1]: what level g keeps
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device))
+        return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device), kept_l1)
 
-    def begin_build(self, states, candidates, groups, options, ws) -> dict[int, tuple[torch.Tensor, ...]] | None:
-        """Compiled builds: each layer group's kernel arguments, sent to the device in one copy."""
-        if not ws.compiled:
+    def _factors(self, state: DellaState, cand: Candidate, levels: list[int], options: Any) -> tuple[list[float], bool]:
+        """Kept-value multipliers ``c_k`` (``/ sum c`` for della_linear with normalize), times
+        the L1-matching ratio when the state has a table; the flag says the kernel must
+        still compute that ratio itself (rescale without a table)."""
+        total = sum(cand.weights)
+        div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
+        factors = [w / div for w in cand.weights]
+        if not options.rescale:
+            return factors, False
+        if state.kept_l1 is None:
+            return factors, True
+        for k, (d, g) in enumerate(zip(cand.densities, levels)):
+            if 0 < d < 1:
+                kept = float(state.kept_l1[k, g - 1])
+                if kept >= 1e-7 and state.l1[k] >= 1e-7:
+                    factors[k] *= state.l1[k] / kept
+        return factors, False
+
+    def begin_build(self, states, candidates, groups, options, ws) -> dict[int, tuple[Any, ...]] | None:
+        """Compiled builds: every tensor's levels and factors, sent to the device in one copy."""
+        if not ws.compiled or not states:
             return None
-        dev = states[0].taus.device if states else torch.device("cpu")
-        out = {}
-        for cand in candidates:
-            thr = [math.inf if d >= 1 else -math.inf if d <= 0 else d - options.epsilon for d in cand.densities]
-            total = sum(cand.weights)
-            div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
-            row = torch.tensor([*thr, *cand.densities, *(w / div for w in cand.weights), cand.scale], dtype=torch.float32).to(dev)
-            t = len(cand.weights)
-            out[id(cand)] = (row[:t], row[t : 2 * t], row[2 * t : 3 * t], row[3 * t])
-        return out
+        dev = states[0].taus.device
+        levels = {id(c): [K.della_level(d) for d in c.densities] for c in candidates}
+        thr_table = K.della_threshold_list(options.epsilon)  # float32 values, exact as doubles
+        rows, in_kernel = [], []
+        for state, g in zip(states, groups):
+            cand = candidates[g]
+            lv = levels[id(cand)]
+            factors, l1 = self._factors(state, cand, lv, options)
+            thr = [self._threshold(v, thr_table) for v in lv]
+            rows.append([*thr, *cand.densities, *factors, cand.scale])
+            in_kernel.append(l1)
+        t = len(candidates[0].weights)
+        floats_t = torch.tensor(rows, dtype=torch.float64).to(dev).to(torch.float32)  # one rounding, as torch.tensor(list)
+        return {
+            id(s): (floats_t[i, :t], floats_t[i, t : 2 * t], floats_t[i, 2 * t : 3 * t], floats_t[i, 3 * t], in_kernel[i])
+            for i, s in enumerate(states)
+        }
+
+    @staticmethod
+    def _threshold(level: int, thr_table: tuple[float, ...]) -> float:
+        """``s < threshold`` keeps an entry: +inf keeps all (d >= 1), -inf none (d <= 0)."""
+        return math.inf if level >= K.DELLA_GRID else -math.inf if level <= 0 else thr_table[level]
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if ctx is not None:
-            thr, dens, factors, scale = ctx[id(cand)]
+            thr, dens, factors, scale, l1 = ctx[id(state)]
             F.run("della", ws.compiled, dst, state.taus, base, state.s, thr, dens, factors, cand.coeffs, state.l1t, scale,
-                  self.ties, options.normalize, options.rescale)
+                  self.ties, options.normalize, l1)
             return
         t, n = state.taus.shape
         keep = ws.get("keep", t * n).view(t, n)
-        absb = ws.get("abs", t * n).view(t, n)
-        _abs_into(state.taus, absb)
-        num = []
-        for k, d in enumerate(cand.densities):
-            if d >= 1:
-                keep[k].fill_(1)
-            elif d <= 0:
-                keep[k].zero_()
+        levels = [K.della_level(d) for d in cand.densities]
+        factors, l1 = self._factors(state, cand, levels, options)
+        thr_table = K.della_threshold_list(options.epsilon)
+        for k, g in enumerate(levels):
+            if g >= K.DELLA_GRID or g <= 0:
+                keep[k].fill_(1 if g > 0 else 0)
             else:
-                torch.lt(state.s[k], d - options.epsilon, out=keep[k])
-            f = 1.0
-            if options.rescale and 0 < d < 1:
-                kept = float(torch.dot(absb[k], keep[k]))
-                f = 1.0 if kept < 1e-7 or state.l1[k] < 1e-7 else state.l1[k] / kept
-            num.append(cand.weights[k] * f)
-        numt = torch.tensor(num, dtype=torch.float32, device=state.taus.device)
-        if self.ties and not ws.compiled:
+                torch.lt(state.s[k], thr_table[g], out=keep[k])
+            d = cand.densities[k]
+            if l1 and 0 < d < 1:
+                kept = float(torch.dot(_abs_into(state.taus[k], ws.get("abs", n)), keep[k]))
+                if kept >= 1e-7 and state.l1[k] >= 1e-7:
+                    factors[k] *= state.l1[k] / kept
+        numt = torch.tensor(factors, dtype=torch.float32, device=state.taus.device)
+        if self.ties:
             masked_ties(dst, base, state.taus, keep, numt, cand.coeffs, cand.scale, options.normalize, ws)
             return
-        if self.ties:
-            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
-            F.run("ties_masked", ws.compiled, dst, state.taus, keep, base, cand.coeffs, scale, options.normalize, numt)
-            return
-        total = sum(cand.weights)
-        if options.normalize and abs(total) >= 1e-8:
-            numt = numt / total
         keep.mul_(state.taus)
         _affine(base, keep, numt * cand.scale, dst, ws)
 
@@ -158,12 +197,14 @@ class DellaLinear(Della):
 
 
 def della_mask(tau: torch.Tensor, s: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Keep-mask of one expert at ``density`` (reference path and tests)."""
-    if density >= 1:
+    """Keep-mask of one expert at ``density`` (reference path and tests): ``s`` below the
+    float32 threshold of the density's level (see :func:`evomerge.merge.kernels.della_level`)."""
+    g = K.della_level(density)
+    if g >= K.DELLA_GRID:
         return torch.ones_like(tau, dtype=torch.bool)
-    if density <= 0:
+    if g <= 0:
         return torch.zeros_like(tau, dtype=torch.bool)
-    return (s < density - epsilon).view_as(tau)
+    return (s.float() < K.della_thresholds(epsilon)[g]).view_as(tau)
 
 
 # --------------------------------------------------------------------------- Model Stock
@@ -237,8 +278,7 @@ class SceOptions(MethodOptions):
 
 @dataclass
 class SceState:
-    kept: torch.Tensor  # (T, n): selected task vectors where they agree with the elected sign
-    agree: torch.Tensor  # (T, n) 0/1
+    kept: torch.Tensor  # (T, n): selected task vectors where they agree with the elected sign, else 0
     tvw: torch.Tensor  # (T,) float32: mean-square weights of the selected task vectors
 
 
@@ -275,22 +315,32 @@ class Sce(_Base):
     fp32_dst_only = True
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
-        return 2 * elem * n_experts * math.prod(shape)
+        return elem * n_experts * math.prod(shape)
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
-        return 3, "4*3*max_numel"
+        return 4, "4*4*max_numel"  # eager: numerator, divisor, one expert's agreement, out
 
     def prepare_tensor(self, info, base, taus, options) -> SceState:
         tv, agree, w = sce_select(taus, options.select_topk)
-        return SceState((tv * agree).to(info.cache_dtype), agree.to(info.cache_dtype), w)
+        return SceState((tv * agree).to(info.cache_dtype), w.to(base.device))
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
-        n = base.numel()
+        """The agreement mask is not stored: an entry agrees exactly where its kept value is
+        nonzero (``sign(tv) == elected`` needs ``tv != 0``), so a build reads the kept
+        values and the base once, like task arithmetic."""
         coef = cand.coeffs * state.tvw
+        if ws.compiled:
+            scale = torch.tensor(cand.scale, dtype=torch.float32, device=base.device)
+            F.run("sce", True, dst, state.kept, base, coef, scale)
+            return
+        n = base.numel()
         num = ws.get("num", n)
-        den = ws.get("den", n)
+        den = ws.get("den", n).zero_()
+        agree = ws.get("agree", n)
         _affine(base, state.kept, coef, num, ws, beta=0.0)
-        _affine(base, state.agree, coef, den, ws, beta=0.0)
+        for k, ck in enumerate(coef.tolist()):
+            torch.ne(state.kept[k], 0, out=agree)
+            den.add_(agree, alpha=ck)
         den.clamp_(min=1e-6)
         num.div_(den)
         torch.add(base, num, alpha=cand.scale, out=dst)
