@@ -164,20 +164,30 @@ def dare_kernel(
         m = torch.where(keep, x, 0.0)
         f = factors[k]
         if l1:
-            # float64 accumulation: a compiled fp32 reduction over millions of small
-            # values drifts by about a percent; eager torch sums pairwise and does not
-            after = m.abs().sum(dtype=torch.float64)
-            before = l1_before[k].to(torch.float64)
-            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1) & (dens[k] > 0)
-            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+            f = f * _l1_ratio(m, l1_before[k], dens[k])
         ws.append(m * f)
+    out.copy_(base.float() + scale * _combine(ws, coeffs, normalize, ties))
+
+
+def _l1_ratio(m: torch.Tensor, l1_before: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """The factor that gives the kept entries ``m`` the task vector's L1 norm again (1 where
+    either norm is ~0 or the density keeps all or nothing). float64 accumulation: a compiled
+    fp32 reduction over millions of small values drifts by about a percent; eager torch
+    sums pairwise and does not."""
+    after = m.abs().sum(dtype=torch.float64)
+    before = l1_before.to(torch.float64)
+    ok = (before >= 1e-7) & (after >= 1e-7) & (density < 1) & (density > 0)
+    return torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+
+
+def _combine(ws: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool, ties: bool) -> torch.Tensor:
+    """The experts' weighted, masked deltas into one: TIES consensus, or their sum."""
     if ties:
-        delta = _consensus(ws, coeffs, normalize)
-    else:
-        delta = ws[0]
-        for w in ws[1:]:
-            delta = delta + w
-    out.copy_(base.float() + scale * delta)
+        return _consensus(ws, coeffs, normalize)
+    delta = ws[0]
+    for w in ws[1:]:
+        delta = delta + w
+    return delta
 
 
 def della_kernel(
@@ -205,19 +215,10 @@ def della_kernel(
         x = taus[k].float()
         m = torch.where(s[k] < thr[k], x, 0.0)
         f = factors[k]
-        if rescale:  # float64 sum, as the DARE kernel's (a compiled fp32 reduction drifts)
-            after = m.abs().sum(dtype=torch.float64)
-            before = l1_before[k].to(torch.float64)
-            ok = (before >= 1e-7) & (after >= 1e-7) & (dens[k] < 1) & (dens[k] > 0)
-            f = f * torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+        if rescale:
+            f = f * _l1_ratio(m, l1_before[k], dens[k])
         ws.append(m * f)
-    if ties:
-        delta = _consensus(ws, coeffs, normalize)
-    else:
-        delta = ws[0]
-        for w in ws[1:]:
-            delta = delta + w
-    out.copy_(base.float() + scale * delta)
+    out.copy_(base.float() + scale * _combine(ws, coeffs, normalize, ties))
 
 
 def breadcrumbs_kernel(

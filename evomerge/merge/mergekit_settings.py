@@ -246,7 +246,9 @@ def _read_slices(slices: Any, base: str | None, source: str, per_model: set[str]
     return Inputs(base, inputs, slice_params, slice_where, ranges)
 
 
-def layer_count(base: str, source: str, what: str = "gradient lists need") -> int:
+def layer_count(base: str, source: str, what: str = "gradient lists need", whose: str = "the base model's",
+                folder: str = "base_model folder") -> int:
+    """num_hidden_layers from a local model folder's config.json, or an error naming who needs it."""
     import json
 
     cfg = Path(base) / "config.json"
@@ -255,8 +257,8 @@ def layer_count(base: str, source: str, what: str = "gradient lists need") -> in
     except (OSError, ValueError):
         n = None
     if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{source}: {what} the base model's layer count (num_hidden_layers in a local "
-                          f"base_model folder's config.json; {cfg} has none)")
+        raise ConfigError(f"{source}: {what} {whose} layer count (num_hidden_layers in a local "
+                          f"{folder}'s config.json; {cfg} has none)")
     return n
 
 

@@ -46,7 +46,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io_utils import atomic_directory, check_replaceable, copy_support_files
 from evomerge.merge.cache import POST, PRE, layer_of
 from evomerge.merge.mergekit_compat import _DTYPES, _common_checks
-from evomerge.merge.mergekit_settings import evaluate, parse_setting
+from evomerge.merge.mergekit_settings import evaluate, layer_count, parse_setting
 from evomerge.pool import LoadOptions, ModelRef, ModelSource
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,7 @@ def _scale_scope(params: Any, where: str, source: str) -> list[tuple[Any, str]]:
 
 
 def _num_layers(ref: str, source: str, where: str) -> int:
-    cfg = Path(ref) / "config.json"
-    try:
-        n = json.loads(cfg.read_text()).get("num_hidden_layers")
-    except (OSError, ValueError):
-        n = None
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{source}: {where}: passthrough needs the model's layer count (num_hidden_layers in a "
-                          f"local model folder's config.json; {cfg} has none)")
-    return n
+    return layer_count(ref, f"{source}: {where}", "passthrough needs", "the model's", "model folder")
 
 
 def read_passthrough(data: dict[str, Any], source: str = "mergekit config") -> PassthroughPlan:
