@@ -239,14 +239,19 @@ def test_della_kept_l1_table_equals_uncached(method):
                 torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)
 
 
+def tied_pool() -> StatePool:
+    """Three experts whose deltas take a handful of distinct magnitudes (multiples of 1/64)."""
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(96, 700, generator=g), "v": torch.randn(300, generator=g)}
+    experts = {f"e{k}": {n: t + torch.randint(-3, 4, t.shape, generator=g).float() / 64 for n, t in base.items()} for k in range(3)}
+    return StatePool(base, experts)
+
+
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs_heavy_ties_equal_uncached(method):
     """Deltas with a handful of distinct magnitudes: runs of equal |tau| straddle both cuts
     (the outlier cut and the K-th entry) for most densities, and mergekit's argsort decides."""
-    g = torch.Generator().manual_seed(2)
-    base = {"w": torch.randn(96, 700, generator=g), "v": torch.randn(300, generator=g)}
-    experts = {f"e{k}": {n: t + torch.randint(-3, 4, t.shape, generator=g).float() / 64 for n, t in base.items()} for k in range(3)}
-    pool = StatePool(base, experts)
+    pool = tied_pool()
     rng = random.Random(4)
     for options in ({"gamma": 0.1}, {"gamma": 0.02, "rescale": True, "normalize": True}):
         cache = prepare(pool, method, options)

@@ -75,12 +75,11 @@ def test_compiled_della_with_kept_l1_table_matches_reference():
 def test_compiled_breadcrumbs_with_straddling_ties_matches_reference(method):
     """The compiled band compare plus the recomputed tied entries equal the reference."""
     torch.set_num_threads(1)
-    from evomerge.merge import Genome, StatePool
+    from test_merge_cache import tied_pool
 
-    g = torch.Generator().manual_seed(2)
-    base = {"w": torch.randn(96, 700, generator=g), "v": torch.randn(300, generator=g)}
-    experts = {f"e{k}": {n: t + torch.randint(-3, 4, t.shape, generator=g).float() / 64 for n, t in base.items()} for k in range(3)}
-    pool = StatePool(base, experts)
+    from evomerge.merge import Genome
+
+    pool = tied_pool()
     rng = random.Random(4)
     for options in ({"gamma": 0.1}, {"gamma": 0.02, "rescale": True, "normalize": True}):
         cache = prepare(pool, method, options, fused=True)
