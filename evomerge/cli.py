@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     configure_output(args.verbose, args.quiet)
+    errors.clear_interrupt()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, errors.note_interrupt) if in_main else None
     try:

@@ -22,8 +22,9 @@ def check_interrupt() -> None:
         raise KeyboardInterrupt
 
 
-def interrupted() -> bool:
-    return _interrupted.is_set()
+def clear_interrupt() -> None:
+    """Forget an earlier Ctrl-C (each CLI call in one process starts afresh)."""
+    _interrupted.clear()
 
 
 class EvomergeError(Exception):
