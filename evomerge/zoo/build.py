@@ -113,10 +113,7 @@ def shipped_zoo(root: Path | None = None) -> Zoo | None:
     root = root if root is not None else SHIPPED_ROOT
     if not (root / CARD_FILE).is_file() or not (root / CHECKSUMS_FILE).is_file():
         return None
-    verify_checksums(root)
-    card = json.loads((root / CARD_FILE).read_text())
-    card["targets"] = check_targets(card)
-    return Zoo(root, card)
+    return zoo_at(root)
 
 
 def default_zoo() -> Zoo:
