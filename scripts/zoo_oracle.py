@@ -8,12 +8,18 @@ evomerge/zoo/oracle.py searches task arithmetic over a per-module genome, choosi
 held-in greedy behaviour; the table reports the pool's models and the chosen merge on
 the held-out sets, with the merge's gaps from the safe model and from each expert.
 Writes oracle.csv, oracle.md and oracle.json (the chosen genomes) under --out.
+
+``--select-on heldout-split`` asks the existence question more directly: the held-out
+sets are split in two seeded halves, the oracle chooses on the first (new phrasings and
+topics, as the product meets them) and the table reports the second, which the choice
+never saw. It bounds what a merge of this genome can do on prompts unlike training.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import pandas as pd
@@ -26,15 +32,28 @@ from evomerge.zoo import oracle
 from evomerge.zoo.world import World
 
 
+def split_halves(sets: dict[str, list], seed: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Each set shuffled (seeded) and cut in two: (chosen on, reported on)."""
+    first, second = {}, {}
+    for key, items in sets.items():
+        items = list(items)
+        random.Random(f"{seed}:{key}").shuffle(items)
+        first[key], second[key] = items[: len(items) // 2], items[len(items) // 2 :]
+    return first, second
+
+
 def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[dict], dict]:
     tokenizer = load_tokenizer(zoo / "safe")
     names = ["safe", *[f"expert-{d}" for d in domains]]
     models = {n: load_model(zoo / n) for n in names}
     base, live = load_model(zoo / "base"), load_model(zoo / "base")
-    heldin = oracle.heldin_sets(world, domains, args.seed)
+    test = oracle.heldout_sets(world, domains)
+    if args.select_on == "heldout-split":
+        heldin, test = split_halves(test, args.seed)
+    else:
+        heldin = oracle.heldin_sets(world, domains, args.seed)
     found = oracle.search_merge(base, live, models, tokenizer, domains, heldin, args.generations, args.popsize, args.seed,
                                 log=lambda line: print("  " + line, flush=True))
-    test = oracle.heldout_sets(world, domains)
     measured = {n: oracle.behaviour(m, tokenizer, test) for n, m in models.items()}
     merge = oracle.behaviour(live, tokenizer, test)
     label = "safe + " + " + ".join(domains)
@@ -59,6 +78,8 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--select-on", choices=["heldin", "heldout-split"], default="heldin",
+                        help="choose on held-in prompts (default) or on one half of the held-out sets, reporting the other")
     parser.add_argument("--out", default="runs/zoo-oracle")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,9 +103,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
     atomic_write_text(out / "oracle.csv", table.to_csv(index=False))
-    atomic_write_text(out / "oracle.json", json.dumps({"zoo": str(zoo), "key": card["key"], "pools": details}, indent=2) + "\n")
+    atomic_write_text(out / "oracle.json", json.dumps({"zoo": str(zoo), "key": card["key"], "select_on": args.select_on, "pools": details}, indent=2) + "\n")
     text = format_table(table.astype(object).where(table.notna(), ""))
-    atomic_write_text(out / "oracle.md", f"zoo `{card['key']}`: held-out prompts, %, refusal phrases\n\n{text}\n")
+    what = "the held-out half the choice never saw" if args.select_on == "heldout-split" else "held-out prompts"
+    atomic_write_text(out / "oracle.md", f"zoo `{card['key']}`: {what}, %, refusal phrases\n\n{text}\n")
     print(text)
 
 
