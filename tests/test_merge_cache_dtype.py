@@ -100,7 +100,7 @@ def test_estimate_reflects_the_cache_dtype():
     pool = random_pool(3)
     specs = pool.tensor_specs()
     p = sum(t.numel() for t in pool.base_state.values())
-    for method, options, per_elem in [("task_arithmetic", {}, (4 + 4 * 3, 2 + 2 * 3)), ("dare_ties", {}, (4 + 6 * 3, 2 + 4 * 3))]:
+    for method, options, per_elem in [("task_arithmetic", {}, (4 + 4 * 3, 2 + 2 * 3)), ("dare_ties", {}, (4 + 4 * 3 + 8, 2 + 2 * 3 + 8))]:
         cache = prepare(pool, method, options)
         opts = cache.options
         full = estimate_cache_bytes(specs, 3, method, opts)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evomerge.merge import Genome, StatePool, build, merge_uncached, prepare
+from evomerge.merge import fused as F
 from evomerge.merge import kernels as K
 
 torch.set_num_threads(1)
@@ -197,15 +198,27 @@ def test_dare_hash_matches_the_unsigned_32bit_formula():
     assert u.tolist() == want
 
 
+def test_packed_levels_round_trip_for_every_expert_and_bit_pattern():
+    """Two 16-bit levels per int32 word, read back bit-exactly, also through the float32
+    view the fused kernels receive (some words are NaN patterns as floats)."""
+    levels = [torch.tensor([0, 1, 0x7FFF, 0x8000, 0xFFFF, 12345]), torch.tensor([0xFFFF, 0x8000, 0, 1, 0xFF80, 7]),
+              torch.tensor([0x7F80, 0xFFC0, 3, 0xFFFF, 0, 0x8001])]
+    words = K.level_words(3, 6)
+    for k, v in enumerate(levels):
+        K.pack_level(words, k, v)
+    assert words.shape == (2, 6)
+    for k, v in enumerate(levels):
+        assert F.unpack_level(words, k).tolist() == v.tolist()
+        assert F.unpack_level(words.view(torch.float32).clone(), k).tolist() == v.tolist()
+
+
 def test_dare_quantiles_give_the_full_field_mask_at_the_snapped_density():
     u = torch.tensor([0.0, 0.5 - 2**-24, 0.5, 0.8, 1 - 2**-24])
-    hi, lo = K.dare_quantiles(u)
-    q = hi.int() * 256 + lo.int()
+    q = K.dare_quantiles(u)
     assert q.tolist() == [0, 32767, 32768, 52428, 65535]
     assert [K.dare_level(d) for d in (-0.1, 0.0, 0.5, 0.8, 1.0, 2.0)] == [0, 0, 32768, 52429, 65536, 65536]
     field = K.keyed_uniform(K.tensor_key(0, "a", "w"), torch.empty(5000))
-    hi, lo = K.dare_quantiles(field)
-    q = hi.int() * 256 + lo.int()
+    q = K.dare_quantiles(field)
     for d in (0.0, 1e-6, 0.3, 0.8, 0.99999, 1.0):
         g = K.dare_level(d)
         assert torch.equal(q < g, field < g / K.DARE_GRID)

@@ -133,14 +133,21 @@ def ties_masked_kernel(
     out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
+def unpack_level(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Expert ``k``'s 16-bit mask levels (int32) from the packed words of
+    :func:`evomerge.merge.kernels.level_words`. The kernels get the words as a float32
+    view: the bit cast is free and the load stays a float vector load (integer loads are
+    slow in inductor's AVX2 code); eager callers may pass the int32 words themselves."""
+    w = words[k // 2].view(torch.int32)
+    return ((w >> 16) & 0xFFFF) if k % 2 else (w & 0xFFFF)
+
+
 def dare_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
     base: torch.Tensor,
-    u_hi: torch.Tensor,
-    u_lo: torch.Tensor,
-    level_hi: torch.Tensor,
-    level_lo: torch.Tensor,
+    words: torch.Tensor,
+    levels: torch.Tensor,
     dens: torch.Tensor,
     factors: torch.Tensor,
     coeffs: torch.Tensor,
@@ -150,18 +157,16 @@ def dare_kernel(
     normalize: bool,
     l1: bool,
 ) -> None:
-    """``out = base + scale * DARE(taus)``: keep ``q < g_k`` (16-bit quantile of the keyed
-    field vs the snapped density level, compared byte by byte), scale by ``factors_k``
-    (``c_k`` times the rescale; with ``l1`` the L1-matching ratio is computed here), then
-    sum or TIES consensus. ``normalize`` for dare_linear is folded into ``factors`` by the
-    caller.
+    """``out = base + scale * DARE(taus)``: keep ``q < g_k`` (the stored 16-bit quantile of
+    the keyed field vs the snapped density level, ``words`` a float32 view of the packed
+    levels), scale by ``factors_k`` (``c_k`` times the rescale; with ``l1`` the
+    L1-matching ratio is computed here), then sum or TIES consensus. ``normalize`` for
+    dare_linear is folded into ``factors`` by the caller.
     """
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k].float()
-        hi = u_hi[k].to(torch.int32)  # explicit: uint8 vs a 0-d int32 would compare in uint8
-        keep = (hi < level_hi[k]) | ((hi == level_hi[k]) & (u_lo[k].to(torch.int32) < level_lo[k]))
-        m = torch.where(keep, x, 0.0)
+        m = torch.where(unpack_level(words, k) < levels[k], x, 0.0)
         f = factors[k]
         if l1:
             f = f * _l1_ratio(m, l1_before[k], dens[k])
@@ -194,8 +199,8 @@ def della_kernel(
     out: torch.Tensor,
     taus: torch.Tensor,
     base: torch.Tensor,
-    s: torch.Tensor,
-    thr: torch.Tensor,
+    words: torch.Tensor,
+    levels: torch.Tensor,
     dens: torch.Tensor,
     factors: torch.Tensor,
     coeffs: torch.Tensor,
@@ -205,15 +210,16 @@ def della_kernel(
     normalize: bool,
     rescale: bool,
 ) -> None:
-    """``out = base + scale * DELLA(taus)``: keep ``s < thr_k`` (``s = u - 2 eps r`` from
-    prepare, ``thr_k`` the float32 threshold of the density's level, +-inf for densities 1
-    and 0), scale by ``factors_k`` (times the L1-matching ratio with ``rescale``: tensors
-    without a kept-L1 table, a second pass), then TIES consensus or a sum.
+    """``out = base + scale * DELLA(taus)``: keep ``v < g_k`` (``v`` each entry's 16-bit
+    keep level from prepare, ``words`` a float32 view of the packed levels; ``g_k`` the
+    density's level, 0 keeps none and 65536 all), scale by ``factors_k`` (times the
+    L1-matching ratio with ``rescale``: tensors without a kept-L1 table, a second pass),
+    then TIES consensus or a sum.
     """
     ws = []
     for k in range(taus.shape[0]):
         x = taus[k].float()
-        m = torch.where(s[k] < thr[k], x, 0.0)
+        m = torch.where(unpack_level(words, k) < levels[k], x, 0.0)
         f = factors[k]
         if rescale:
             f = f * _l1_ratio(m, l1_before[k], dens[k])

@@ -6,7 +6,6 @@ Kept free of pools, caches and genomes so each block can be tested on hand tenso
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -225,15 +224,31 @@ def keyed_uniform(key: int, out: torch.Tensor) -> torch.Tensor:
 DARE_GRID = 65536  # 16-bit quantiles of the uniform field
 
 
-def dare_quantiles(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q = floor(65536 u)`` of a flat U[0,1) field as (high byte, low byte) uint8 planes.
+def dare_quantiles(u: torch.Tensor) -> torch.Tensor:
+    """``q = floor(65536 u)`` (int32, ``[0, 65535]``) of a flat U[0,1) field: the level at
+    which each entry enters the mask (``q < g`` keeps it at level ``g``); stored packed
+    (:func:`pack_level`) so a build compares integers instead of rehashing."""
+    return (u * DARE_GRID).to(torch.int32)  # exact: scaling by a power of two, then floor
 
-    Stored once per tensor and expert (2 B per element) so a build compares bytes instead
-    of rehashing, which made the DARE kernel compute-bound. Two uint8 planes because
-    inductor vectorises uint8 but not 16-bit integer loads.
+
+def level_words(n_experts: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Room for the 16-bit mask levels of ``n_experts`` experts, two per int32 word:
+    ``(ceil(T/2), n)``; :func:`pack_level` fills expert ``2j`` into the low half of row
+    ``j`` and ``2j+1`` into the high half (2 B per element and expert; an odd T leaves one
+    half-row empty).
+
+    Why words and not uint8/int16 planes: inductor's AVX2 code loads integer vectors
+    through a scalar copy, at about half the speed of a float load; the fused kernels
+    receive these words as a float32 view and bit-cast them back
+    (:func:`evomerge.merge.fused.unpack_level`), a plain vector load (benchmarks/RESULTS.md).
     """
-    q = (u * DARE_GRID).to(torch.int32)  # exact: scaling by a power of two, then floor
-    return (q >> 8).to(torch.uint8), (q & 0xFF).to(torch.uint8)
+    return torch.zeros((-(-n_experts // 2), n), dtype=torch.int32, device=device)
+
+
+def pack_level(words: torch.Tensor, k: int, levels: torch.Tensor) -> None:
+    """Store expert ``k``'s flat levels (values in ``[0, 65535]``) into ``words``."""
+    v = levels.reshape(-1).to(torch.int32)
+    words[k // 2] |= (v << 16) if k % 2 else v
 
 
 def dare_level(density: float) -> int:
@@ -412,12 +427,6 @@ def della_level(density: float) -> int:
     if density <= 0:
         return 0
     return min(DELLA_GRID - 1, max(1, round(density * DELLA_GRID)))
-
-
-@functools.lru_cache(maxsize=8)
-def della_threshold_list(epsilon: float) -> tuple[float, ...]:
-    """:func:`della_thresholds` as Python floats (exact: float32 values), computed once per epsilon."""
-    return tuple(della_thresholds(epsilon).tolist())
 
 
 def della_thresholds(epsilon: float) -> torch.Tensor:

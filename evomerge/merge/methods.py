@@ -660,8 +660,7 @@ class BreadcrumbsTies(Breadcrumbs):
 @dataclass
 class DareState:
     taus: torch.Tensor  # (T, n)
-    u_hi: torch.Tensor  # (T, n) uint8: high byte of each expert's 16-bit uniform quantile
-    u_lo: torch.Tensor  # (T, n) uint8: low byte
+    words: torch.Tensor  # (ceil(T/2), n) int32: each expert's 16-bit uniform quantile, two per word (K.level_words)
     l1: torch.Tensor  # (T,) float32: ||tau_k||_1, for the L1-matching rescale
 
 
@@ -669,8 +668,8 @@ class _Dare(_Base):
     """DARE (section 3): keep ``u < d`` from a keyed uniform field, rescale, then merge.
 
     ``u`` is a counter-based hash of ``(seed, expert, tensor, index)``, hashed once in
-    prepare and kept as 16-bit quantiles (2 B per element and expert), so a build is a
-    byte compare instead of a hash. The mask's density snaps to the nearest ``g/65536``
+    prepare and kept as 16-bit quantiles (2 B per element and expert, packed two experts
+    per int32 word), so a build is an integer compare instead of a hash. The mask's density snaps to the nearest ``g/65536``
     (like TIES's ``density_grid``); masks still nest across densities and need no
     per-density storage. The rescale uses the requested density.
     """
@@ -680,18 +679,17 @@ class _Dare(_Base):
     ties: ClassVar[bool] = False
 
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
-        return (elem + 2) * n_experts * math.prod(shape)
+        return (elem * n_experts + 4 * -(-n_experts // 2)) * math.prod(shape)
 
     def prepare_tensor(self, info, base, taus, options) -> DareState:
         stack = _stack(taus, info.cache_dtype)
-        hi = torch.empty(stack.shape, dtype=torch.uint8, device=stack.device)
-        lo = torch.empty_like(hi)
         u = torch.empty(stack.shape[1], dtype=torch.float32, device=stack.device)
+        words = K.level_words(*stack.shape, device=stack.device)
         for k, e in enumerate(info.expert_names):  # one field at a time: prepare's peak stays small
-            hi[k], lo[k] = K.dare_quantiles(K.keyed_uniform(K.tensor_key(options.seed, e, info.name), u))
+            K.pack_level(words, k, K.dare_quantiles(K.keyed_uniform(K.tensor_key(options.seed, e, info.name), u)))
         # float64 sums: torch's fp32 vector_norm(ord=1) is ~4% low on 25M-entry tensors
         l1 = torch.stack([row.abs().sum(dtype=torch.float64) for row in stack]).float()
-        return DareState(stack, hi, lo, l1)
+        return DareState(stack, words, l1)
 
     def _factors(self, cand: Candidate, options: Any) -> list[float]:
         if options.rescale == "l1":
@@ -710,28 +708,26 @@ class _Dare(_Base):
         rows = []
         for cand in candidates:
             levels = [K.dare_level(d) for d in cand.densities]
-            rows.append([*(v >> 8 for v in levels), *(v & 0xFF for v in levels), *cand.densities, *self._factors(cand, options), cand.scale])
+            rows.append([*levels, *cand.densities, *self._factors(cand, options), cand.scale])
         packed = torch.tensor(rows, dtype=torch.float64).to(dev)  # exact for all of these values
         t = len(candidates[0].weights) if candidates else 0
         out = {}
         for cand, row in zip(candidates, packed):
-            ints = row[: 2 * t].to(torch.int32)
-            floats = row[2 * t :].to(torch.float32)  # one rounding from double, as torch.tensor(list) does
-            out[id(cand)] = (ints[:t], ints[t:], floats[:t], floats[t : 2 * t], floats[2 * t])
+            levels = row[:t].to(torch.int32)
+            floats = row[t:].to(torch.float32)  # one rounding from double, as torch.tensor(list) does
+            out[id(cand)] = (levels, floats[:t], floats[t : 2 * t], floats[2 * t])
         return out
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
-        level_hi, level_lo, dens, factors, scale = ctx[id(cand)]
+        levels, dens, factors, scale = ctx[id(cand)]
         F.run(
             "dare",
             ws.compiled,
             dst,
             state.taus,
             base,
-            state.u_hi,
-            state.u_lo,
-            level_hi,
-            level_lo,
+            state.words.view(torch.float32),  # bit-cast back inside the kernel (F.unpack_level)
+            levels,
             dens,
             factors,
             cand.coeffs,

@@ -58,7 +58,7 @@ class DellaLinearOptions(DellaOptions):
 @dataclass
 class DellaState:
     taus: torch.Tensor  # (T, n)
-    s: torch.Tensor  # (T, n) float32: u - 2*eps*r, kept at level g where s < thr[g]
+    words: torch.Tensor  # (ceil(T/2), n) int32: each entry's 16-bit keep level v (kept at level g where v < g), K.level_words
     l1: list[float]  # ||tau_k||_1
     l1t: torch.Tensor  # the same, (T,) float32 on the cache device, for the fused kernel
     kept_l1: torch.Tensor | None  # (T, 65536) float64 on the host: ||kept||_1 at each level (tensors >= 65536 entries)
@@ -75,13 +75,14 @@ class Della(_Base):
     weighted mean (``della``) or a weighted sum (``della_linear``).
 
     The Bernoulli draws come from the keyed uniform field ``u`` of DARE (same candidate,
-    same mask; masks nest across densities): ``prepare`` keeps ``s = u - 2 eps r``
-    (4 B per element and expert) and an entry is kept where ``s`` is below
-    ``thr[g] = float32(g/65536 - eps)``: densities inside ``(0, 1)`` snap to the nearest
-    ``g/65536`` (``1 <= g <= 65535``, as DARE's), so that for tensors of at least 65536
-    entries ``prepare`` can also tabulate the L1 norm of the kept delta at every level
-    (512 KB per tensor and expert). A build is then one pass (a float compare per expert,
-    the rescale a table lookup); smaller tensors sum the kept L1 in the kernel, a second
+    same mask; masks nest across densities): an entry is kept where ``s = u - 2 eps r``
+    is below ``thr[g] = float32(g/65536 - eps)``, densities inside ``(0, 1)`` snapped to
+    the nearest ``g/65536`` (``1 <= g <= 65535``, as DARE's). ``prepare`` keeps each
+    entry's level ``v`` (the number of thresholds at or below its ``s``: ``v < g`` exactly
+    when ``s < thr[g]``; 2 B per element and expert, packed as DARE's) and, for tensors of
+    at least 65536 entries, the L1 norm of the kept delta at every level (512 KB per
+    tensor and expert). A build is then one pass (an integer compare per expert, the
+    rescale a table lookup); smaller tensors sum the kept L1 in the kernel, a second
     pass. Probabilities outside ``[0, 1]`` are clamped (mergekit
     refuses ``d +- eps`` outside ``(0, 1)``; the mergekit config reader does too).
     """
@@ -94,27 +95,29 @@ class Della(_Base):
     def state_bytes(self, shape, n_experts, options, elem=4) -> int:
         n = math.prod(shape)
         table = 8 * K.DELLA_GRID if options.rescale and n >= L1_TABLE_MIN else 0
-        return n_experts * ((elem + 4) * n + table)
+        return n_experts * (elem * n + table) + 4 * -(-n_experts // 2) * n
 
     def scratch(self, options, n_experts) -> tuple[int, str]:
         return 2 * n_experts + 3, "4*(2T+3)*max_numel"  # masks, |tau|, out; eager TIES: sum and sign
 
     def prepare_tensor(self, info, base, taus, options) -> DellaState:
         stack = _stack(taus, info.cache_dtype)
-        n = stack.shape[1]
-        s = torch.empty(stack.shape, dtype=torch.float32, device=stack.device)
+        t, n = stack.shape
+        words = K.level_words(t, n, device=stack.device)
+        s = torch.empty(n, dtype=torch.float32, device=stack.device)
         table = options.rescale and n >= L1_TABLE_MIN
-        kept_l1 = torch.empty((stack.shape[0], K.DELLA_GRID), dtype=torch.float64) if table else None
+        kept_l1 = torch.empty((t, K.DELLA_GRID), dtype=torch.float64) if table else None
         for k, e in enumerate(info.expert_names):
-            K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s[k])
+            K.keyed_uniform(K.tensor_key(options.seed, e, info.name), s)
             # ranks from the unrounded task vectors: a bf16 cache keeps the fp32 cache's masks
-            s[k].sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+            s.sub_(K.della_rank_fraction(taus[k].view(info.shape)).to(s.device), alpha=2.0 * options.epsilon)
+            levels = K.della_levels(s, options.epsilon)
+            K.pack_level(words, k, levels)
             if kept_l1 is not None:  # level g keeps v < g: ||kept||_1 at g is the sum over the levels below g
-                hist = torch.bincount(K.della_levels(s[k], options.epsilon), weights=stack[k].abs().to(torch.float64),
-                                      minlength=K.DELLA_GRID)
+                hist = torch.bincount(levels, weights=stack[k].abs().to(torch.float64), minlength=K.DELLA_GRID)
                 kept_l1[k] = torch.cumsum(hist, 0).cpu()  # [g - 1]: what level g keeps
         l1 = [float(row.abs().sum(dtype=torch.float64)) for row in stack]
-        return DellaState(stack, s, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device), kept_l1)
+        return DellaState(stack, words, l1, torch.tensor(l1, dtype=torch.float32, device=stack.device), kept_l1)
 
     def _factors(self, state: DellaState, cand: Candidate, levels: list[int], options: Any) -> tuple[list[float], bool]:
         """Kept-value multipliers ``c_k`` (``/ sum c`` for della_linear with normalize), times
@@ -140,43 +143,33 @@ class Della(_Base):
             return None
         dev = states[0].taus.device
         levels = {id(c): [K.della_level(d) for d in c.densities] for c in candidates}
-        thr_table = K.della_threshold_list(options.epsilon)  # float32 values, exact as doubles
         rows, in_kernel = [], []
         for state, g in zip(states, groups):
             cand = candidates[g]
             lv = levels[id(cand)]
             factors, l1 = self._factors(state, cand, lv, options)
-            thr = [self._threshold(v, thr_table) for v in lv]
-            rows.append([*thr, *cand.densities, *factors, cand.scale])
+            rows.append([*lv, *cand.densities, *factors, cand.scale])
             in_kernel.append(l1)
         t = len(candidates[0].weights)
-        floats_t = torch.tensor(rows, dtype=torch.float64).to(dev).to(torch.float32)  # one rounding, as torch.tensor(list)
+        table = torch.tensor(rows, dtype=torch.float64).to(dev)  # levels exact; floats: one rounding, as torch.tensor(list)
+        lv_t, floats_t = table[:, :t].to(torch.int32), table[:, t:].to(torch.float32)
         return {
-            id(s): (floats_t[i, :t], floats_t[i, t : 2 * t], floats_t[i, 2 * t : 3 * t], floats_t[i, 3 * t], in_kernel[i])
+            id(s): (lv_t[i], floats_t[i, :t], floats_t[i, t : 2 * t], floats_t[i, 2 * t], in_kernel[i])
             for i, s in enumerate(states)
         }
 
-    @staticmethod
-    def _threshold(level: int, thr_table: tuple[float, ...]) -> float:
-        """``s < threshold`` keeps an entry: +inf keeps all (d >= 1), -inf none (d <= 0)."""
-        return math.inf if level >= K.DELLA_GRID else -math.inf if level <= 0 else thr_table[level]
-
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if ctx is not None:
-            thr, dens, factors, scale, l1 = ctx[id(state)]
-            F.run("della", ws.compiled, dst, state.taus, base, state.s, thr, dens, factors, cand.coeffs, state.l1t, scale,
-                  self.ties, options.normalize, l1)
+            levels, dens, factors, scale, l1 = ctx[id(state)]
+            F.run("della", ws.compiled, dst, state.taus, base, state.words.view(torch.float32), levels, dens, factors,
+                  cand.coeffs, state.l1t, scale, self.ties, options.normalize, l1)
             return
         t, n = state.taus.shape
         keep = ws.get("keep", t * n).view(t, n)
         levels = [K.della_level(d) for d in cand.densities]
         factors, l1 = self._factors(state, cand, levels, options)
-        thr_table = K.della_threshold_list(options.epsilon)
         for k, g in enumerate(levels):
-            if g >= K.DELLA_GRID or g <= 0:
-                keep[k].fill_(1 if g > 0 else 0)
-            else:
-                torch.lt(state.s[k], thr_table[g], out=keep[k])
+            torch.lt(F.unpack_level(state.words, k), g, out=keep[k])
             d = cand.densities[k]
             if l1 and 0 < d < 1:
                 kept = float(torch.dot(_abs_into(state.taus[k], ws.get("abs", n)), keep[k]))
