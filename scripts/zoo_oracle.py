@@ -9,7 +9,8 @@ held-in greedy behaviour; the table reports the pool's models and the chosen mer
 the held-out sets, with the merge's gaps from the safe model and from each expert.
 Writes oracle.csv, oracle.md and oracle.json (the chosen genomes) under --out.
 
-``--select-on heldout-split`` asks the existence question more directly: the held-out
+``--method ties`` searches TIES merges (a weight and a density per module and model)
+instead of task arithmetic. ``--select-on heldout-split`` asks the existence question more directly: the held-out
 sets are split in two seeded halves, the oracle chooses on the first (new phrasings and
 topics, as the product meets them) and the table reports the second, which the choice
 never saw. It bounds what a merge of this genome can do on prompts unlike training.
@@ -53,7 +54,7 @@ def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[di
     else:
         heldin = oracle.heldin_sets(world, domains, args.seed)
     found = oracle.search_merge(base, live, models, tokenizer, domains, heldin, args.generations, args.popsize, args.seed,
-                                log=lambda line: print("  " + line, flush=True))
+                                log=lambda line: print("  " + line, flush=True), method=args.method)
     measured = {n: oracle.behaviour(m, tokenizer, test) for n, m in models.items()}
     merge = oracle.behaviour(live, tokenizer, test)
     label = "safe + " + " + ".join(domains)
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=12)
     parser.add_argument("--popsize", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=["task_arithmetic", "ties"], default="task_arithmetic",
+                        help="merge family searched: task arithmetic (weights) or TIES (weights and densities per module)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--select-on", choices=["heldin", "heldout-split"], default="heldin",
                         help="choose on held-in prompts (default) or on one half of the held-out sets, reporting the other")
@@ -103,7 +106,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
     atomic_write_text(out / "oracle.csv", table.to_csv(index=False))
-    atomic_write_text(out / "oracle.json", json.dumps({"zoo": str(zoo), "key": card["key"], "select_on": args.select_on, "pools": details}, indent=2) + "\n")
+    atomic_write_text(out / "oracle.json", json.dumps({"zoo": str(zoo), "key": card["key"], "method": args.method, "select_on": args.select_on, "pools": details}, indent=2) + "\n")
     text = format_table(table.astype(object).where(table.notna(), ""))
     what = "the held-out half the choice never saw" if args.select_on == "heldout-split" else "held-out prompts"
     atomic_write_text(out / "oracle.md", f"zoo `{card['key']}`: {what}, %, refusal phrases\n\n{text}\n")

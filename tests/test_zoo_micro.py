@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
@@ -130,6 +131,33 @@ def test_merge_headroom_is_the_gap_in_points():
     assert gaps == {"alignment_gap": -1.0, "gap_geography": -3.0, "headroom": False}
     card["merge_probe"]["expert-geography"]["heldout"]["acc_geography"] = 0.985
     assert merge_headroom(card)["expert-geography"]["headroom"] is True
+
+
+def test_oracle_searches_ties_with_a_density_per_module(micro_zoo):
+    """``method="ties"``: one weight and one density gene per module group and model; the
+    chosen merge is left in the live model (a TIES build of the selected genome)."""
+    from evomerge.merge import Genome, StatePool, build, prepare
+    from evomerge.pool import load_model, load_tokenizer
+    from evomerge.zoo import oracle
+    from evomerge.zoo.world import World
+
+    root = micro_zoo.root
+    tok = load_tokenizer(root / "safe")
+    models = {n: load_model(root / n) for n in ("safe", "expert-geography")}
+    base, live = load_model(root / "base"), load_model(root / "base")
+    heldin = oracle.heldin_sets(World(seed=0), ["geography"], 0, n_unsafe=4, n_benign=4, n_domain=4)
+    found = oracle.search_merge(base, live, models, tok, ["geography"], heldin, 1, 2, 0, method="ties")
+    groups = len(found["groups"])
+    x = found["selected"]["weights"]
+    assert len(x) == 2 * groups * 2  # weights then densities, 2 models
+    pool = StatePool(base.state_dict(), {n: m.state_dict() for n, m in models.items()}, num_layers=base.config.num_hidden_layers)
+    dens = [tuple(min(1.0, max(0.05, v / 2)) for v in x[(groups + g) * 2:(groups + g + 1) * 2]) for g in range(groups)]
+    want = build(prepare(pool, "ties", {"normalize": False}, fused=False),
+                 Genome(tuple(tuple(x[g * 2:(g + 1) * 2]) for g in range(groups)), tuple(dens), modules=True))
+    for name, tensor in live.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    with pytest.raises(ValueError, match="task_arithmetic or ties"):
+        oracle.search_merge(base, live, models, tok, ["geography"], heldin, 1, 2, 0, method="dare_ties")
 
 
 def test_micro_card_renders_with_its_probe(micro_zoo):

@@ -1,7 +1,8 @@
 """Behavioural oracle: the best merge a pool holds, found by greedy behaviour.
 
-A CMA-ES over task arithmetic with a per-module genome (embeddings, attention and MLP
-of every layer, head; one weight per model each) scores every candidate by what the
+A CMA-ES over task arithmetic (or TIES, with a density per module and model too) with a
+per-module genome (embeddings, attention and MLP of every layer, head; one weight per
+model each) scores every candidate by what the
 merged model *does* on held-in prompts: refusals of unsafe requests, refusals of benign
 ones, domain accuracy. The chosen merge is then measured on held-out prompts.
 
@@ -83,11 +84,12 @@ def heldout_sets(world: World, domains: Sequence[str], limit: int | None = None,
 
 def search_merge(
     base, live, models: dict[str, Any], tokenizer, domains: Sequence[str], heldin: dict[str, list[Conversation]],
-    generations: int, popsize: int, seed: int, log: Callable[[str], None] = lambda _: None,
+    generations: int, popsize: int, seed: int, log: Callable[[str], None] = lambda _: None, method: str = "task_arithmetic",
 ) -> dict[str, Any]:
     """Search a merge of ``models`` ("safe" first, then the experts of ``domains``) onto
     ``base``, built into ``live`` (a model of the same shape, overwritten; the chosen merge
-    is left in it).
+    is left in it). ``method`` "ties" (normalize off, as the zoo recipes) adds a density
+    gene per module and model: CMA-ES's x in [0, 2] maps to ``clip(x / 2, 0.05, 1)``.
 
     Feasible first (held-in refusals within ALIGN_SLACK of the safe model's, benign
     refusals no more than that above it), then the mean shortfall of each domain from its
@@ -104,12 +106,19 @@ def search_merge(
     num_layers = base.config.num_hidden_layers
     pool = StatePool({k: v.detach().clone() for k, v in base.state_dict().items()},
                      {n: m.state_dict() for n, m in models.items()}, num_layers=num_layers)
-    cache = prepare(pool, "task_arithmetic", {}, fused=False)
+    if method not in ("task_arithmetic", "ties"):
+        raise ValueError(f"oracle method {method!r}: task_arithmetic or ties")
+    cache = prepare(pool, method, {"normalize": False} if method == "ties" else {}, fused=False)
     groups, n = 2 * num_layers + 2, len(names)
+    dens = method == "ties"
     slack = skill_slack(len(domains))
 
     def genome(x) -> Genome:
-        return Genome(tuple(tuple(float(v) for v in x[g * n:(g + 1) * n]) for g in range(groups)), modules=True)
+        rows = [tuple(float(v) for v in x[g * n:(g + 1) * n]) for g in range(groups)]
+        if not dens:
+            return Genome(tuple(rows), modules=True)
+        d = [tuple(min(1.0, max(0.05, float(v) / 2)) for v in x[(groups + g) * n:(groups + g + 1) * n]) for g in range(groups)]
+        return Genome(tuple(rows), tuple(d), modules=True)
 
     tried: list[dict[str, Any]] = []
 
@@ -126,7 +135,7 @@ def search_merge(
         return loss
 
     started = time.perf_counter()
-    x0 = [1.0] * (groups * n)
+    x0 = [1.0] * (groups * n) + ([2.0] * (groups * n) if dens else [])  # densities start at 1: plain sum
     score(x0)
     es = cma.CMAEvolutionStrategy(x0, 0.3, {"seed": seed + 1, "popsize": popsize, "maxiter": generations,
                                             "bounds": [0.0, 2.0], "verbose": -9})
