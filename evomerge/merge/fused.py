@@ -47,18 +47,22 @@ def hash_uniform(idx: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) 
 
 
 def _consensus(ws: list[torch.Tensor], coeffs: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """TIES's sign election and disjoint (weighted) mean of the masked, weighted deltas
+    ``ws``: the sum of the values that agree with the sign of their total, divided with
+    ``normalize`` by the sum of those experts' coefficients. Selects the agreeing values
+    instead of multiplying by the elected sign and back (fewer vector ops, the same
+    values: a sum of same-signed values is the signed sum of their magnitudes)."""
     s = ws[0]
     for w in ws[1:]:
         s = s + w
-    sgn = torch.where(s >= 0, 1.0, -1.0)
+    pos = s >= 0
     num = torch.zeros_like(s)
     den = torch.zeros_like(s)
     for k, w in enumerate(ws):
-        p = (w * sgn).clamp(min=0)  # > 0 exactly where w agrees with the elected sign
-        num = num + p
+        agree = torch.where(pos, w > 0, w < 0)  # nonzero and of the elected sign
+        num = num + torch.where(agree, w, 0.0)
         if normalize:
-            den = den + torch.where(p > 0, coeffs[k], 0.0)
-    num = num * sgn
+            den = den + torch.where(agree, coeffs[k], 0.0)
     if normalize:
         num = num / torch.where(den == 0, 1.0, den)
     return num
