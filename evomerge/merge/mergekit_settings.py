@@ -145,8 +145,19 @@ class Inputs:
         return found
 
 
-def _ref(value: Any) -> str:
+def model_ref(value: Any) -> str:
+    """A mergekit model reference (a string, or a mapping with ``model``) as a string."""
     return str(value.get("model") if isinstance(value, dict) else value)
+
+
+def check_slice(sl: Any, where: str, source: str) -> None:
+    """One ``slices:`` entry's shape: a non-empty ``sources`` list, no keys but ``sources``,
+    ``parameters`` and ``base_model`` (shared by merges and passthrough)."""
+    if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+        raise ConfigError(f"{source}: {where} needs a non-empty 'sources' list")
+    extra = sorted(set(sl) - {"sources", "parameters", "base_model"})
+    if extra:
+        raise ConfigError(f"{source}: {where}.{extra[0]} is not supported")
 
 
 def read_inputs(data: dict[str, Any], source: str, per_model: set[str], method: str, shared: set[str] = frozenset()) -> Inputs:  # type: ignore[assignment]
@@ -154,7 +165,7 @@ def read_inputs(data: dict[str, Any], source: str, per_model: set[str], method: 
     merges the same models over the same layers, in order (anything else changes the
     architecture and is refused by name). ``shared``: slice-level keys besides ``per_model``."""
     base = data.get("base_model")
-    base = None if base is None else _ref(base)
+    base = None if base is None else model_ref(base)
     if "slices" in data:
         if data.get("models"):
             raise ConfigError(f"{source}: give either 'models' or 'slices', not both")
@@ -168,7 +179,7 @@ def read_inputs(data: dict[str, Any], source: str, per_model: set[str], method: 
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise ConfigError(f"{source}: models[{i}] needs a 'model' field")
-        ref, p = _ref(entry["model"]), dict(entry.get("parameters") or {})
+        ref, p = model_ref(entry["model"]), dict(entry.get("parameters") or {})
         _check_keys(p, per_model, f"{source}: models[{i}] ({ref}): parameter", method)
         inputs.append(Input(i, ref, [p], [f"models[{i}].parameters"]))
     return Inputs(base, inputs, [{}], ["parameters"], None)
@@ -192,12 +203,8 @@ def _read_slices(slices: Any, base: str | None, source: str, per_model: set[str]
     start = 0
     for s, sl in enumerate(slices):
         where = f"slices[{s}]"
-        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
-            raise ConfigError(f"{source}: {where} needs a non-empty 'sources' list")
-        extra = sorted(set(sl) - {"sources", "parameters", "base_model"})
-        if extra:
-            raise ConfigError(f"{source}: {where}.{extra[0]} is not supported")
-        if sl.get("base_model") is not None and _ref(sl["base_model"]) != base:
+        check_slice(sl, where, source)
+        if sl.get("base_model") is not None and model_ref(sl["base_model"]) != base:
             raise ConfigError(f"{source}: {where}.base_model: a per-slice base model is not supported (one base for "
                               "all layers)")
         refs, found, rng = [], [], None
@@ -214,7 +221,7 @@ def _read_slices(slices: Any, base: str | None, source: str, per_model: set[str]
             if rng is not None and tuple(lr) != rng:
                 raise ConfigError(f"{source}: {sw}.layer_range {lr} differs from {list(rng)}: {why}")
             rng = tuple(lr)
-            ref, p = _ref(src["model"]), dict(src.get("parameters") or {})
+            ref, p = model_ref(src["model"]), dict(src.get("parameters") or {})
             _check_keys(p, per_model, f"{source}: {sw} ({ref}): parameter", method)
             refs.append(ref)
             found.append((p, f"{sw}.parameters"))

@@ -46,7 +46,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io_utils import atomic_directory, check_replaceable, copy_support_files
 from evomerge.merge.cache import POST, PRE, layer_of
 from evomerge.merge.mergekit_compat import _DTYPES, _common_checks
-from evomerge.merge.mergekit_settings import evaluate, layer_count, parse_setting
+from evomerge.merge.mergekit_settings import check_slice, evaluate, layer_count, model_ref, parse_setting
 from evomerge.pool import LoadOptions, ModelRef, ModelSource
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,6 @@ def is_passthrough(data: Any) -> bool:
     return isinstance(data, dict) and data.get("merge_method") == "passthrough"
 
 
-def _ref(value: Any) -> str:
-    return str(value.get("model") if isinstance(value, dict) else value)
-
-
 def _scale_scope(params: Any, where: str, source: str) -> list[tuple[Any, str]]:
     if params is None:
         return []
@@ -125,7 +121,7 @@ def read_passthrough(data: dict[str, Any], source: str = "mergekit config") -> P
     """Check a ``merge_method: passthrough`` config and resolve its slices (no tensor is read)."""
     _common_checks(data, source)
     top = _scale_scope(data.get("parameters"), "parameters", source)
-    base = None if data.get("base_model") is None else _ref(data["base_model"])
+    base = None if data.get("base_model") is None else model_ref(data["base_model"])
     slices: list[PassSlice] = []
     if "slices" in data:
         if data.get("models"):
@@ -135,11 +131,7 @@ def read_passthrough(data: dict[str, Any], source: str = "mergekit config") -> P
             raise ConfigError(f"{source}: 'slices' must be a non-empty list")
         for s, sl in enumerate(raw):
             where = f"slices[{s}]"
-            if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
-                raise ConfigError(f"{source}: {where} needs a non-empty 'sources' list")
-            extra = sorted(set(sl) - {"sources", "parameters", "base_model"})
-            if extra:
-                raise ConfigError(f"{source}: {where}.{extra[0]} is not supported")
+            check_slice(sl, where, source)
             if len(sl["sources"]) != 1:
                 raise ConfigError(f"{source}: {where}.sources names {len(sl['sources'])} models: {_WHY_ONE}")
             if sl.get("base_model") is not None:
@@ -154,7 +146,7 @@ def read_passthrough(data: dict[str, Any], source: str = "mergekit config") -> P
             if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
                     and 0 <= lr[0] < lr[1]):
                 raise ConfigError(f"{source}: {sw}.layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
-            ref = _ref(src["model"])
+            ref = model_ref(src["model"])
             n = _num_layers(ref, source, sw)
             if lr[1] > n:
                 raise ConfigError(f"{source}: {sw}.layer_range {lr} ends past the {n} layers of {ref}")
@@ -173,7 +165,7 @@ def read_passthrough(data: dict[str, Any], source: str = "mergekit config") -> P
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise ConfigError(f"{source}: models[0].{extra[0]} is not supported")
-        ref = _ref(entry["model"])
+        ref = model_ref(entry["model"])
         if base is not None and base != ref:
             raise ConfigError(f"{source}: base_model {base} is not models[0] ({ref}): mergekit would add it as a second "
                               f"input, and {_WHY_ONE}")
