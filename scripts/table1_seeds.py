@@ -50,12 +50,13 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     runs = list(dict.fromkeys(table["run"]))
     table = table.copy()
     table.loc[table["search"] != "pool", "model"] = ""  # searched rows: named by method and search
+    metrics = metrics_of(table)
     rows = []
     for key, group in table.groupby(KEYS, sort=False, dropna=False):
         if set(group["run"]) != set(runs):
             continue
         row = dict(zip(KEYS, key))
-        for metric in metrics_of(table):
+        for metric in metrics:
             values = group.set_index("run")[metric].reindex(runs)
             if values.isna().all():
                 row[metric] = ""

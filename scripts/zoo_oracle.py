@@ -10,10 +10,10 @@ the held-out sets, with the merge's gaps from the safe model and from each exper
 Writes oracle.csv, oracle.md and oracle.json (the chosen genomes) under --out.
 
 ``--method ties`` searches TIES merges (a weight and a density per module and model)
-instead of task arithmetic. ``--select-on heldout-split`` asks the existence question more directly: the held-out
-sets are split in two seeded halves, the oracle chooses on the first (new phrasings and
-topics, as the product meets them) and the table reports the second, which the choice
-never saw. It bounds what a merge of this genome can do on prompts unlike training.
+instead of task arithmetic. ``--select-on heldout-split`` asks the existence question
+more directly: the held-out sets are split in two seeded halves, the oracle chooses on
+the first (new phrasings and topics, as the product meets them) and the table reports
+the second, which the choice never saw. It bounds what a merge of this genome can do on prompts unlike training.
 """
 
 from __future__ import annotations

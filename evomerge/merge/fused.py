@@ -253,13 +253,7 @@ def breadcrumbs_kernel(
         x = taus[k].float()
         a = x.abs()
         ws.append(torch.where((a > lo[k]) & (a < hi[k]), x * factors[k], 0.0))
-    if ties:
-        delta = _consensus(ws, coeffs, normalize)
-    else:
-        delta = ws[0]
-        for w in ws[1:]:
-            delta = delta + w
-    out.copy_(base.float() + scale * delta)
+    out.copy_(base.float() + scale * _combine(ws, coeffs, normalize, ties))
 
 
 def sce_kernel(out: torch.Tensor, kept: torch.Tensor, base: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor) -> None:

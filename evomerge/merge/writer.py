@@ -42,6 +42,8 @@ PAPERS = {
     "nearswap": "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     "arcee_fusion": "https://arcee.ai",
 }
+
+
 def model_card(recipe: MergeRecipe, genome: Genome, mergekit_yaml: str | None, why_not: str) -> str:
     names = list(recipe.experts)
     front = {
