@@ -465,3 +465,21 @@ def test_della_masks_repeat_and_nest():
     hi = build(cache, Genome.from_values([1.0], [0.6]))["w"] != 0
     again = build(prepare(pool, "della", {"rescale": False, "epsilon": 0.1}), Genome.from_values([1.0], [0.3]))["w"] != 0
     assert torch.equal(lo, again) and bool((hi | ~lo).all())  # same mask on every prepare; lower density nests
+
+
+def test_breadcrumbs_float32_steps_match_nextafter():
+    """The band's thresholds are the float32 neighbours of the cut magnitudes, computed on
+    the host without torch calls: they must equal ``torch.nextafter`` everywhere,
+    including zero, subnormals, the largest float and infinity."""
+    import math
+    import random
+
+    from evomerge.merge.methods import _f32_step
+
+    rng = random.Random(0)
+    vals = [0.0, 1e-45, 1.2e-38, 3.4028234663852886e38, math.inf, 1.0, 0.5]
+    vals += [float(torch.tensor(rng.random() * 10 ** rng.randint(-44, 37), dtype=torch.float32)) for _ in range(2000)]
+    for v in vals:
+        for up in (True, False):
+            want = torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(math.inf if up else -math.inf))
+            assert _f32_step(v, up) == want.item(), (v, up)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -455,6 +456,15 @@ def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
 BREADCRUMBS_BLOCK = 256  # ranks per sampled magnitude / L1 prefix sum
 
 
+def _f32_step(v: float, up: bool) -> float:
+    """The float32 neighbour of the float32 magnitude ``v >= 0`` towards +inf (``up``) or
+    -inf, as ``torch.nextafter`` gives it: ``|x| <= v`` is ``|x| < step(v, up)``."""
+    if (math.isinf(v) and up) or (v == 0 and not up):
+        return v if up else -_f32_step(0.0, True)
+    bits = struct.unpack("<I", struct.pack("<f", v))[0]
+    return struct.unpack("<f", struct.pack("<I", bits + (1 if up else -1)))[0]
+
+
 @dataclass
 class BreadcrumbsState:
     taus: torch.Tensor  # (T, n)
@@ -524,8 +534,7 @@ class Breadcrumbs(_Base):
     @staticmethod
     def _mags(state: BreadcrumbsState, k: int, lo: int, hi: int) -> torch.Tensor:
         """Sorted magnitudes at ranks ``[lo, hi)`` (float32, on the host)."""
-        idx = state.order[k, lo:hi].to(torch.int64)
-        return state.taus[k, idx].abs().float().cpu()
+        return state.taus[k].index_select(0, state.order[k, lo:hi]).abs().float().cpu()
 
     def _run_edge(self, state: BreadcrumbsState, k: int, a: float, end: bool) -> int:
         """First rank with ``|x| < a`` (``end``) or with ``|x| <= a`` (the start of ``a``'s run)."""
@@ -533,8 +542,8 @@ class Breadcrumbs(_Base):
         b = BREADCRUMBS_BLOCK
         j = int(torch.searchsorted(state.neg_samples[k], -a, right=end))
         lo = max(0, (j - 1) * b)
-        window = self._mags(state, k, lo, min(j * b + 1, n))
-        return lo + int((window >= a).sum() if end else (window > a).sum())
+        window = self._mags(state, k, lo, min(j * b + 1, n))  # descending, <= B + 1 values
+        return lo + int(torch.searchsorted(window.neg_(), -a, right=end))
 
     def _kept_l1(self, state: BreadcrumbsState, k: int, lo: int, hi: int) -> float:
         assert state.csum is not None
@@ -552,12 +561,11 @@ class Breadcrumbs(_Base):
         div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
         bands = [breadcrumbs_band(n, d, options.gamma) for d in cand.densities]
         # magnitudes just outside and at both ends of every band: one gather for all experts
+        # (python floats from here: a build plans every tensor, and each torch call on a
+        # handful of values costs more than the merge of a small tensor)
         probe = torch.tensor([[max(lo - 1, 0), min(lo, n - 1), max(hi - 1, 0), min(hi, n - 1)] for lo, hi in bands],
                              dtype=torch.int64, device=state.order.device)
-        m = state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).abs().float().cpu()
-        inf = torch.tensor(math.inf)
-        up, down = torch.nextafter(m[:, 1], inf).tolist(), torch.nextafter(m[:, 2], -inf).tolist()  # float32 neighbours
-        mags = m.tolist()
+        mags = [[abs(v) for v in row] for row in state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).tolist()]
         lo_t, hi_t, factors, ties = [], [], [], []
         for k, (lo, hi) in enumerate(bands):
             f = cand.weights[k] / div
@@ -575,13 +583,13 @@ class Breadcrumbs(_Base):
                     if top > 0:
                         lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
                 else:
-                    hi_t.append(up[k])  # |x| <= top
+                    hi_t.append(_f32_step(top, up=True))  # |x| <= top
                 if hi < n and nxt == bot:  # the run of the bottom value straddles the K-th cut
                     lo_t.append(bot)
                     if bot > 0:
                         lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
                 else:
-                    lo_t.append(down[k])  # |x| >= bot
+                    lo_t.append(_f32_step(bot, up=False))  # |x| >= bot
                 if len(lists) == 2 and top == bot:  # one run holds the whole band: both lists are order[lo:hi]
                     lists = lists[:1]
                 tie = torch.cat(lists).to(torch.int64) if lists else None
@@ -594,27 +602,62 @@ class Breadcrumbs(_Base):
         return BandPlan(lo_t, hi_t, factors, ties)
 
     def begin_build(self, states, candidates, groups, options, ws) -> Any:
-        """Compiled builds: every tensor's bands and factors, sent to the device in one copy."""
+        """Compiled builds: every tensor's bands and factors, sent to the device in one copy,
+        and for TIES the merged deltas at every listed (tied) entry of the build."""
         if not ws.compiled or not states:
             return None
         dev = states[0].taus.device
         plans = [self._plan(s, candidates[g], options) for s, g in zip(states, groups)]
         t = len(candidates[0].weights)
         rows = torch.tensor([[*p.lo, *p.hi, *p.factors, candidates[g].scale] for p, g in zip(plans, groups)], dtype=torch.float32).to(dev)
-        return {id(s): (rows[i, :t], rows[i, t : 2 * t], rows[i, 2 * t : 3 * t], rows[i, 3 * t], p)
+        fixes = self._tie_deltas(states, plans, [candidates[g].coeffs for g in groups], rows, options) if self.ties else {}
+        return {id(s): (rows[i, :t], rows[i, t : 2 * t], rows[i, 2 * t : 3 * t], rows[i, 3 * t], p, fixes.get(i))
                 for i, (s, p) in enumerate(zip(states, plans))}
+
+    def _tie_deltas(self, states, plans: list[BandPlan], coeffs: list[torch.Tensor], rows: torch.Tensor,
+                    options: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """TIES at the listed entries of every tensor, as one batch: ``{tensor: (indices,
+        merged delta)}``. A build has listed entries in about half its tensors (a few each on
+        real checkpoints); recomputing them per tensor cost more host time than the merge
+        itself. The entries' columns are merged with exactly the kernel's operations."""
+        t = rows.shape[1] // 3
+        sel, idxs, xs, forced = [], [], [], []
+        for i, (state, plan) in enumerate(zip(states, plans)):
+            lists = [x for x in plan.ties if x is not None]
+            if not lists:
+                continue
+            idx = torch.unique(torch.cat(lists)) if len(lists) > 1 else lists[0].sort().values
+            sel.append(i), idxs.append(idx), xs.append(state.taus.index_select(1, idx).float())
+        if not sel:
+            return {}
+        sizes = [len(idx) for idx in idxs]
+        total = sum(sizes)
+        offsets = [0]
+        for m in sizes[:-1]:
+            offsets.append(offsets[-1] + m)
+        for i, idx, off in zip(sel, idxs, offsets):  # flat (expert, column) positions kept by a list
+            forced += [torch.searchsorted(idx, tie) + (k * total + off) for k, tie in enumerate(plans[i].ties) if tie is not None]
+        counts = torch.tensor(sizes, device=rows.device)
+        cols = torch.cat([rows[sel, : 3 * t], torch.stack([coeffs[i] for i in sel])], 1).repeat_interleave(counts, 0).t()
+        lo, hi, factors, coef = cols[:t], cols[t : 2 * t], cols[2 * t : 3 * t], cols[3 * t :]
+        x = torch.cat(xs, 1)  # (T, total)
+        a = x.abs()
+        keep = (a > lo) & (a < hi)
+        keep.view(-1).index_fill_(0, torch.cat(forced), True)
+        delta = F._consensus(list(torch.where(keep, x * factors, 0.0).unbind(0)), coef, options.normalize)
+        return {i: (idx, d) for i, idx, d in zip(sel, idxs, delta.split(sizes))}
 
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if ctx is not None:
-            lo, hi, factors, scale, plan = ctx[id(state)]
+            lo, hi, factors, scale, plan, fix = ctx[id(state)]
             F.run("breadcrumbs", ws.compiled, dst, state.taus, base, lo, hi, factors, cand.coeffs, scale, self.ties, options.normalize)
-            lists = [x for x in plan.ties if x is not None]
-            if lists and not self.ties:  # a sum: add the listed (in-band, tied) entries' terms
+            if fix is not None:  # TIES: the outputs at the listed entries, merged with the exact masks
+                idx, delta = fix
+                dst.index_copy_(0, idx, (base[idx].float() + scale * delta).to(dst.dtype))
+            elif not self.ties:  # a sum: add the listed (in-band, tied) entries' terms
                 for k, tie in enumerate(plan.ties):
                     if tie is not None:
                         dst.index_add_(0, tie, (state.taus[k, tie].float() * (factors[k] * scale)).to(dst.dtype))
-            elif lists:  # TIES: recompute the outputs at the listed entries with the exact masks
-                self._fix_ties(state, base, cand, dst, plan, torch.unique(torch.cat(lists)), lo, hi, factors, scale, options)
             return
         plan = self._plan(state, cand, options)
         t, n = state.taus.shape
@@ -633,20 +676,6 @@ class Breadcrumbs(_Base):
             return
         keep.mul_(state.taus)  # the kept tau values (fp32) overwrite the mask
         _affine(base, keep, num * cand.scale, dst, ws)
-
-    def _fix_ties(self, state, base, cand, dst, plan: BandPlan, idx, lo, hi, factors, scale, options) -> None:
-        x = state.taus[:, idx].float()  # (T, m)
-        a = x.abs()
-        keep = (a > lo[:, None]) & (a < hi[:, None])
-        for k, tie in enumerate(plan.ties):
-            if tie is not None:
-                keep[k, torch.searchsorted(idx, tie)] = True
-        ws_ = [torch.where(keep[k], x[k] * factors[k], 0.0) for k in range(x.shape[0])]
-        if self.ties:
-            delta = F._consensus(ws_, cand.coeffs, options.normalize)
-        else:
-            delta = torch.stack(ws_).sum(0)
-        dst.index_copy_(0, idx, (base[idx].float() + scale * delta).to(dst.dtype))
 
 
 @register_method("breadcrumbs_ties")
