@@ -20,6 +20,7 @@ The math is summarised in ``docs/merging.md``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import math
 import struct
@@ -454,6 +455,7 @@ def breadcrumbs_band(n: int, density: float, gamma: float) -> tuple[int, int]:
 
 
 BREADCRUMBS_BLOCK = 256  # ranks per sampled magnitude / L1 prefix sum
+_RUN_WINDOW = 16  # ranks read inside each end of a band per build, where runs of equal magnitudes are looked for first
 
 
 def _f32_step(v: float, up: bool) -> float:
@@ -464,6 +466,12 @@ def _f32_step(v: float, up: bool) -> float:
     bits = struct.unpack("<I", struct.pack("<f", v))[0]
     return struct.unpack("<f", struct.pack("<I", bits + (1 if up else -1)))[0]
 
+
+
+@functools.cache
+def _run_offsets(w: int, device: torch.device) -> torch.Tensor:
+    """Rank offsets of a plan's probe from ``(lo, hi)``: ``-1, 0..w-1`` and ``-w..-1, 0``."""
+    return torch.tensor([-1, *range(w), *range(-w, 0), 0], dtype=torch.int64, device=device)
 
 @dataclass
 class BreadcrumbsState:
@@ -560,12 +568,15 @@ class Breadcrumbs(_Base):
         total = sum(cand.weights)
         div = total if not self.ties and options.normalize and abs(total) >= 1e-8 else 1.0
         bands = [breadcrumbs_band(n, d, options.gamma) for d in cand.densities]
-        # magnitudes just outside and at both ends of every band: one gather for all experts
-        # (python floats from here: a build plans every tensor, and each torch call on a
-        # handful of values costs more than the merge of a small tensor)
-        probe = torch.tensor([[max(lo - 1, 0), min(lo, n - 1), max(hi - 1, 0), min(hi, n - 1)] for lo, hi in bands],
-                             dtype=torch.int64, device=state.order.device)
-        mags = [[abs(v) for v in row] for row in state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).tolist()]
+        # magnitudes just outside both ends of every band and the W ranks inside each end:
+        # one gather for all experts; the runs of equal magnitudes at a cut are usually found
+        # in these windows (python floats from here: a build plans every tensor, and each
+        # torch call on a handful of values costs more than the merge of a small tensor)
+        w = _RUN_WINDOW
+        dev = state.order.device
+        ends = torch.tensor(bands, dtype=torch.int64, device=dev).repeat_interleave(w + 1, 1)  # lo x (w+1), hi x (w+1)
+        probe = ends.add_(_run_offsets(w, dev)).clamp_(0, n - 1)  # ranks lo-1, lo..lo+w-1, hi-w..hi-1, hi
+        mags = state.taus.gather(1, state.order.gather(1, probe).to(torch.int64)).abs_().tolist()
         lo_t, hi_t, factors, ties = [], [], [], []
         for k, (lo, hi) in enumerate(bands):
             f = cand.weights[k] / div
@@ -575,24 +586,31 @@ class Breadcrumbs(_Base):
             elif hi - lo >= n:
                 lo_t.append(-math.inf), hi_t.append(math.inf)
             else:
-                prev, top, bot, nxt = mags[k]
+                m = mags[k]
+                prev, top, bot, nxt = m[0], m[1], m[2 * w], m[2 * w + 1]
                 lists = []
                 # (a run of zeros needs no list: a kept zero adds nothing, and TIES counts only nonzero votes)
                 if lo > 0 and prev == top:  # the run of the top value straddles the outlier cut
                     hi_t.append(top)
                     if top > 0:
-                        lists.append(state.order[k, lo : min(self._run_edge(state, k, top, True), hi)])
+                        end = next((r for r, v in zip(range(lo, min(lo + w, hi)), m[1 : w + 1]) if v < top), None)
+                        if end is None:  # the run reaches past the window (or fills the band)
+                            end = hi if lo + w >= hi else min(self._run_edge(state, k, top, True), hi)
+                        lists.append(state.order[k, lo:end])
                 else:
                     hi_t.append(_f32_step(top, up=True))  # |x| <= top
                 if hi < n and nxt == bot:  # the run of the bottom value straddles the K-th cut
                     lo_t.append(bot)
                     if bot > 0:
-                        lists.append(state.order[k, max(self._run_edge(state, k, bot, False), lo) : hi])
+                        start = next((r + 1 for r, v in zip(range(hi - 1, max(hi - w, lo) - 1, -1), m[2 * w : w : -1]) if v > bot), None)
+                        if start is None:
+                            start = lo if hi - w <= lo else max(self._run_edge(state, k, bot, False), lo)
+                        lists.append(state.order[k, start:hi])
                 else:
                     lo_t.append(_f32_step(bot, up=False))  # |x| >= bot
                 if len(lists) == 2 and top == bot:  # one run holds the whole band: both lists are order[lo:hi]
                     lists = lists[:1]
-                tie = torch.cat(lists).to(torch.int64) if lists else None
+                tie = (torch.cat(lists) if len(lists) > 1 else lists[0]).to(torch.int64) if lists else None
                 if options.rescale:
                     kept = self._kept_l1(state, k, lo, hi)
                     if kept >= 1e-7 and state.l1[k] >= 1e-7:
