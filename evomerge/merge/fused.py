@@ -252,9 +252,7 @@ def breadcrumbs_kernel(
     for k in range(taus.shape[0]):
         x = taus[k].float()
         a = x.abs()
-        # nested selects, not ``(a > lo) & (a < hi)``: inductor's AVX2 code combines masks
-        # through int32 vectors, which halved this kernel's throughput
-        ws.append(torch.where(a > lo[k], torch.where(a < hi[k], x * factors[k], 0.0), 0.0))
+        ws.append(torch.where((a > lo[k]) & (a < hi[k]), x * factors[k], 0.0))
     out.copy_(base.float() + scale * _combine(ws, coeffs, normalize, ties))
 
 
