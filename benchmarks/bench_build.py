@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--skip-uncached", nargs="*", default=[], help="methods whose uncached timing is skipped")
+    ap.add_argument("--split", action="store_true", help="also print where a cached build's thread CPU time goes: the "
+                    "method's per-build planning (begin_build), the fused kernels, the rest (per-tensor host work)")
     ap.add_argument("--new", action="store_true", help="the mergekit methods of issue #15 (with task_arithmetic as a "
                     "reference), cached builds only: prints each one's fraction of plain-copy throughput")
     args = ap.parse_args()
@@ -89,6 +91,8 @@ def main() -> None:
         else:
             cached = timeit(lambda: build(cache, next(it), out=out), repeats=args.repeats)
             ratio = moved / cached / copy_bps
+        if args.split:
+            print(f"  {label}: " + split_times(cache, lambda: build(cache, next(it), out=out), moved), flush=True)
         if method in args.skip_uncached:
             uncached = float("nan")
         else:
@@ -98,6 +102,44 @@ def main() -> None:
             flush=True,
         )
         del cache, pool, base, experts, out
+
+
+def split_times(cache, fn, nbytes: int, builds: int = 8) -> str:
+    """Thread CPU ms per build in ``begin_build``, in the fused kernels and elsewhere, and
+    for a copy of the same bytes (thread time: a loaded machine's other jobs drop out)."""
+    from evomerge.merge import fused
+
+    spent = {"begin": 0.0, "kernels": 0.0}
+    impl, run = cache.impl, fused.run
+
+    def timed(key, f):
+        def g(*a, **k):
+            t0 = time.thread_time()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[key] += time.thread_time() - t0
+        return g
+
+    impl.begin_build, fused.run = timed("begin", impl.begin_build), timed("kernels", run)
+    try:
+        fn()
+        spent.update(begin=0.0, kernels=0.0)
+        t0 = time.thread_time()
+        for _ in range(builds):
+            fn()
+        total = (time.thread_time() - t0) / builds
+    finally:
+        del impl.begin_build
+        fused.run = run
+    src, dst = torch.randn(nbytes // 8), torch.empty(nbytes // 8)
+    dst.copy_(src)
+    t0 = time.thread_time()
+    dst.copy_(src)
+    copy = time.thread_time() - t0
+    b, k = spent["begin"] / builds, spent["kernels"] / builds
+    return (f"build {1e3 * total:.1f} ms = begin_build {1e3 * b:.1f} + kernels {1e3 * k:.1f} + other {1e3 * (total - b - k):.1f}"
+            f" (thread CPU time); copy of the same bytes {1e3 * copy:.1f} ms")
 
 
 def interleaved(fn, nbytes: int, repeats: int) -> tuple[float, float]:
