@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth, llama_shapes, random_states, timeit
+from benchmarks.common import copy_bandwidth, interleaved, llama_shapes, random_states, timeit
 from evomerge.merge import Genome, StatePool, build, merge_uncached, prepare
 
 METHODS = {
@@ -140,25 +139,6 @@ def split_times(cache, fn, nbytes: int, builds: int = 8) -> str:
     b, k = spent["begin"] / builds, spent["kernels"] / builds
     return (f"build {1e3 * total:.1f} ms = begin_build {1e3 * b:.1f} + kernels {1e3 * k:.1f} + other {1e3 * (total - b - k):.1f}"
             f" (thread CPU time); copy of the same bytes {1e3 * copy:.1f} ms")
-
-
-def interleaved(fn, nbytes: int, repeats: int) -> tuple[float, float]:
-    """Median build seconds and the median ratio of build to copy throughput, each build
-    timed right after a plain copy of ``nbytes`` (so load that changes over the run moves
-    both); one warm-up build first."""
-    n = nbytes // 8  # float32 elements: the copy reads 4n and writes 4n bytes
-    src, dst = torch.randn(n), torch.empty(n)
-    fn()
-    times, ratios = [], []
-    for _ in range(max(repeats, 5)):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        times.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))  # same bytes: throughput ratio = time ratio
-    return statistics.median(times), statistics.median(ratios)
 
 
 if __name__ == "__main__":

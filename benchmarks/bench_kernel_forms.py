@@ -3,7 +3,7 @@ each form's throughput as a fraction of a plain copy of the same bytes (benchmar
 
     PYTHONPATH=. python benchmarks/bench_kernel_forms.py [--n 4096000 --repeats 30]
 
-Pairs measured (3 experts, one thread, median of builds each timed right after a copy):
+Pairs measured (3 experts, one thread, median of calls each timed right after a copy):
 * a band mask ``lo < |x| < hi`` as ``where((a > lo) & (a < hi), ...)`` or as nested selects
   (the breadcrumbs kernel uses the nested form);
 * a mask level loaded as int32 or as a float32 view bit-cast back (DARE and DELLA's words).
@@ -14,10 +14,10 @@ loads integers through buffers); on AVX-512 both forms of a pair may be equal.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from benchmarks.common import interleaved
 
 
 def band_and(out, taus, base, lo, hi, f):
@@ -69,21 +69,13 @@ def main() -> None:
         "level: float32 view": (level_view, (out, taus, base, words.view(torch.float32), levels, f)),
     }
     nbytes = 4 * n * (t + 2)  # taus, base and out: the bytes of task arithmetic (the levels not counted)
-    src, dst = torch.randn(nbytes // 8), torch.empty(nbytes // 8)
-    compiled = {name: (torch.compile(fn, dynamic=True, fullgraph=True), a) for name, (fn, a) in forms.items()}
-    ratios: dict[str, list[float]] = {name: [] for name in forms}
-    for fn, a in compiled.values():
-        fn(*a)
-    for _ in range(args.repeats):
-        for name, (fn, a) in compiled.items():
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            t1 = time.perf_counter()
-            fn(*a)
-            ratios[name].append((t1 - t0) / (time.perf_counter() - t1))
+    ratios = {}
+    for name, (fn, a) in forms.items():
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        ratios[name] = interleaved(lambda: compiled(*a), nbytes, args.repeats)[1]  # noqa: B023 (called at once)
     print(f"n={n}, T={t}, 1 thread; throughput vs a copy of the same bytes (median of {args.repeats})")
     for name, r in ratios.items():
-        print(f"{name:28s} {statistics.median(r):6.0%}")
+        print(f"{name:28s} {r:6.0%}")
 
 
 if __name__ == "__main__":

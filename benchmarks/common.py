@@ -56,3 +56,22 @@ def copy_bandwidth(nbytes: int, repeats: int = 3) -> float:
     dst = torch.empty(n)
     t = timeit(lambda: dst.copy_(src), repeats=repeats)
     return 8 * n / t
+
+
+def interleaved(fn, nbytes: int, repeats: int) -> tuple[float, float]:
+    """Median build seconds and the median ratio of build to copy throughput, each build
+    timed right after a plain copy of ``nbytes`` (so load that changes over the run moves
+    both); one warm-up build first."""
+    n = nbytes // 8  # float32 elements: the copy reads 4n and writes 4n bytes
+    src, dst = torch.randn(n), torch.empty(n)
+    fn()
+    times, ratios = [], []
+    for _ in range(max(repeats, 5)):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))  # same bytes: throughput ratio = time ratio
+    return statistics.median(times), statistics.median(ratios)
