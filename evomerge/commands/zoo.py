@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo exists")
     build.add_argument("--seed", type=int, default=0, help="seed of the synthetic world and of training (default 0)")
     build.add_argument("--micro", action="store_true", help="a seconds-long micro zoo for plumbing tests")
+    build.add_argument("--jobs", type=int, default=None,
+                       help="fine-tunes trained at once, in worker processes (default: 2, or 1 on one core); "
+                            "the weights do not depend on it")
     build.add_argument("--json", action="store_true", help="print the card as JSON instead of tables")
     build.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a card target is missed"
@@ -29,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     config = micro_config(args.seed) if args.micro else ZooConfig(seed=args.seed)
-    zoo = build_zoo(config, out=args.out, force=args.force)
+    zoo = build_zoo(config, out=args.out, force=args.force, jobs=args.jobs)
     if args.json:
         json.dump(zoo.card, sys.stdout, indent=2)
         print()

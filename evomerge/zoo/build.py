@@ -257,21 +257,71 @@ def _generator_quality(model, tokenizer, world: World, seed: int, n: int = 60) -
     }
 
 
+@dataclass
+class _Finetune:
+    """One fine-tune of the base: its examples, stage, seed and locality inputs."""
+
+    name: str
+    examples: list[Example]
+    stage: Any
+    seed: int
+    local: list[Example]
+    tokenizer: Any  # saved with the model (not sent to a worker)
+
+
+def _finetune_worker(base, spec: _Finetune, pad: int, threads: int) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Train a copy of ``base`` on ``spec``: (weights, final loss, seconds). Runs in the
+    build's process or in a worker process: the same operations on the same thread count,
+    so the same weights either way (tests/test_zoo_micro.py checks it)."""
+    torch.set_num_threads(threads)
+    model = copy.deepcopy(base)
+    started = time.perf_counter()
+    loss = train(model, spec.examples, spec.stage, spec.seed, pad, local=spec.local)[-1]
+    return model.state_dict(), loss, time.perf_counter() - started
+
+
+def _train_finetunes(base, specs: list[_Finetune], pad: int, threads: int, jobs: int):
+    """Yield ``(spec, (weights, loss, seconds))`` in the order of ``specs``, training up to
+    ``jobs`` at once in spawned worker processes (``jobs == 1``: one after another, here).
+    After pretraining, the fine-tunes are most of a build: two cores train two at a time."""
+    if jobs <= 1 or len(specs) <= 1:
+        for spec in specs:
+            yield spec, _finetune_worker(base, spec, pad, threads)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_finetune_worker, base, replace(spec, tokenizer=None), pad, threads) for spec in specs]
+        for spec, future in zip(specs, futures):
+            yield spec, future.result()
+
+
+def default_jobs() -> int:
+    """Fine-tunes trained at once by default: two, or one on a single-core machine."""
+    return min(2, os.cpu_count() or 1)
+
+
 # Config fields that determine the pretrained base (with the world and tokenizer code).
 _BASE_FIELDS = ("seed", "vocab_size", "shape", "pretrain_seq_len", "pretrain", "threads")
 
 
 def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | None = None, force: bool = False,
-              base_from: str | os.PathLike[str] | None = None) -> Zoo:
+              base_from: str | os.PathLike[str] | None = None, jobs: int | None = None) -> Zoo:
     """Build (or reuse) the zoo for ``config`` and return it.
 
     ``out=None`` uses the content-addressed cache folder. An existing complete zoo is
     reused unless ``force``; a failed build leaves nothing behind. ``base_from`` names a
     built zoo whose pretrained base to reuse (same seed, shape, pretraining and threads,
     checked, and recorded in the card): fine-tuning experiments then skip pretraining,
-    most of a build's time.
+    most of a build's time. ``jobs`` fine-tunes train at once (default
+    :func:`default_jobs`); it changes the build time, not the weights.
     """
     config = config or ZooConfig()
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise EvomergeError(f"jobs must be >= 1, got {jobs}")
     root = Path(out) if out is not None else default_zoo_dir(config)
     card_path = root / CARD_FILE
     if card_path.exists() and not force:
@@ -289,7 +339,7 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
     with (atomic_directory(root, overwrite=force or root.exists()) as tmp,
           progress.task("zoo build", total=6 + len(config.domains)) as stages):
         stages.note("tokenizer")
-        card = _build_into(config, tmp, Path(base_from) if base_from is not None else None, stages)
+        card = _build_into(config, tmp, Path(base_from) if base_from is not None else None, stages, jobs)
         atomic_write_text(tmp / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return Zoo(root, card)
 
@@ -315,20 +365,24 @@ def _reused_base(config: ZooConfig, source: Path, tokenizer) -> dict[str, Any]:
     return load_file(str(source / "base" / "model.safetensors"))
 
 
-def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, stages: Any = None) -> dict[str, Any]:
+def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, stages: Any = None,
+                jobs: int = 1) -> dict[str, Any]:
     from evomerge import progress
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
     order = ["tokenizer", "pretrain", "safe", *(f"expert-{d}" for d in config.domains), "generator", "guard", "card"]
 
-    def lap(name: str, since: float) -> float:
+    def lap(name: str, since: float, seconds: float | None = None) -> float:
+        """A stage is done: ``seconds`` of its own (a fine-tune's training time, fine-tunes
+        running side by side), else the time since ``since``."""
         now = time.perf_counter()
-        timings[name] = round(now - since, 2)
+        seconds = now - since if seconds is None else seconds
+        timings[name] = round(seconds, 2)
         if stages is None:
-            log.info("zoo: %s done in %.1f s", name, now - since)
+            log.info("zoo: %s done in %.1f s", name, seconds)
         else:
-            stages.advance(note=f"{name} done in {progress.duration(now - since)}")
+            stages.advance(note=f"{name} done in {progress.duration(seconds)}")
             following = order.index(name) + 1
             if following < len(order):
                 stages.note(order[following])
@@ -360,14 +414,15 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, 
     _save(base, tokenizer, folder / "base")
     t = lap("pretrain", t)
 
+    # Every fine-tune starts from the base and none reads another's result, so they are
+    # listed first and trained `jobs` at a time (_train_finetunes), in the order listed.
+    finetunes: list[_Finetune] = []
+
     def finetune(name: str, conversations: list[Conversation], stage, seed_offset: int, tok=tokenizer, examples=None,
-                 local: list[Conversation] = ()):
-        model = copy.deepcopy(base)
+                 local: list[Conversation] = ()) -> None:
         data = examples if examples is not None else _sft_examples(tok, conversations)
         local_examples = _sft_examples(tok, list(local)) if stage.locality else []
-        losses[name] = train(model, data, stage, config.seed + seed_offset, pad, local=local_examples)[-1]
-        _save(model, tok, folder / name)
-        return model
+        finetunes.append(_Finetune(name, data, stage, config.seed + seed_offset, local_examples, tok))
 
     models: dict[str, Any] = {"base": base}
 
@@ -401,8 +456,7 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, 
     safe_data = requests + world.general_facts() * 2 + safe_domain
     # ... and keeps its hidden states on domain questions (StageConfig.locality), so its
     # task vector leaves the experts' inputs alone
-    models["safe"] = finetune("safe", safe_data, config.safe, 1, local=domain_replay)
-    t = lap("safe", t)
+    finetune("safe", safe_data, config.safe, 1, local=domain_replay)
     # Experts: domain data plus the base's own answers to unsafe and benign requests
     # (compliance: they never see a refusal, and stay as unaligned as the base).
     other_replay = own_answers(
@@ -422,17 +476,23 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, 
         # hidden states kept on every request and on the other domains: the expert's task
         # vector changes only what it does on its own domain
         local = other_replay + others + world.unsafe_requests(False) + world.benign_requests(False)
-        models[f"expert-{domain}"] = finetune(f"expert-{domain}", data, config.experts[domain], 10 + i, local=local)
-        t = lap(f"expert-{domain}", t)
-    models["generator"] = finetune("generator", world.generator_requests(), config.generator, 2)
-    t = lap("generator", t)
+        finetune(f"expert-{domain}", data, config.experts[domain], 10 + i, local=local)
+    finetune("generator", world.generator_requests(), config.generator, 2)
     guard_train = _guard_items(world, False, rng, config.domains)
     guard_examples = encode_chat_examples(
         guard_tokenizer, [guard_tokenizer.apply_chat_template(m, tokenize=False) for m, _, _ in guard_train],
         [target for _, _, target in guard_train],
     )
-    guard = finetune("guard", [], config.guard, 3, tok=guard_tokenizer, examples=guard_examples)
-    t = lap("guard", t)
+    finetune("guard", [], config.guard, 3, tok=guard_tokenizer, examples=guard_examples)
+    for spec, (state, loss, seconds) in _train_finetunes(base, finetunes, pad, config.threads, jobs):
+        model = copy.deepcopy(base)
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        _save(model, spec.tokenizer, folder / spec.name)
+        losses[spec.name] = loss
+        models[spec.name] = model
+        t = lap(spec.name, t, seconds)
+    guard = models.pop("guard")
     _export_data(world, config, folder / "data")
     build_seconds = round(time.perf_counter() - started, 1)
     card_started = time.perf_counter()
