@@ -269,12 +269,18 @@ class _Finetune:
     tokenizer: Any  # saved with the model (not sent to a worker)
 
 
-def _finetune_worker(base, spec: _Finetune, pad: int, threads: int) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Train a copy of ``base`` on ``spec``: (weights, final loss, seconds). Runs in the
-    build's process or in a worker process: the same operations on the same thread count,
-    so the same weights either way (tests/test_zoo_micro.py checks it)."""
+def _finetune_worker(model_config, base_state: dict[str, torch.Tensor], spec: _Finetune, pad: int,
+                     threads: int) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Train the base (rebuilt from its config and weights) on ``spec``: (weights, final
+    loss, seconds). Runs in the build's process or in a worker process: the same operations
+    on the same thread count, so the same weights either way (tests/test_zoo_micro.py
+    checks it). Only plain weights cross the process boundary: a pickled transformers
+    model loses the hooks that return its hidden states."""
+    from transformers import LlamaForCausalLM
+
     torch.set_num_threads(threads)
-    model = copy.deepcopy(base)
+    model = LlamaForCausalLM(model_config)
+    model.load_state_dict(base_state, strict=True)
     started = time.perf_counter()
     loss = train(model, spec.examples, spec.stage, spec.seed, pad, local=spec.local)[-1]
     return model.state_dict(), loss, time.perf_counter() - started
@@ -284,16 +290,17 @@ def _train_finetunes(base, specs: list[_Finetune], pad: int, threads: int, jobs:
     """Yield ``(spec, (weights, loss, seconds))`` in the order of ``specs``, training up to
     ``jobs`` at once in spawned worker processes (``jobs == 1``: one after another, here).
     After pretraining, the fine-tunes are most of a build: two cores train two at a time."""
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     if jobs <= 1 or len(specs) <= 1:
         for spec in specs:
-            yield spec, _finetune_worker(base, spec, pad, threads)
+            yield spec, _finetune_worker(base.config, state, spec, pad, threads)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_finetune_worker, base, replace(spec, tokenizer=None), pad, threads) for spec in specs]
+        futures = [pool.submit(_finetune_worker, base.config, state, replace(spec, tokenizer=None), pad, threads) for spec in specs]
         for spec, future in zip(specs, futures):
             yield spec, future.result()
 

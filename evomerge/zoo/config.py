@@ -118,8 +118,9 @@ def micro_config(seed: int = 0) -> ZooConfig:
         vocab_size=400,
         shape=ShapeConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=1024),
         pretrain=StageConfig(lr=3e-3, epochs=1, batch_size=16, warmup_steps=2, max_examples=64),
-        safe=tiny,
-        experts={"arithmetic": tiny, "geography": tiny},
+        # (the arithmetic expert and the safe model also exercise the locality and anchor terms)
+        safe=tiny.model_copy(update={"anchor_decay": 2.0, "locality": 1.0}),
+        experts={"arithmetic": tiny.model_copy(update={"locality": 1.0}), "geography": tiny},
         generator=tiny,
         guard=StageConfig(lr=2e-3, epochs=1, batch_size=8, warmup_steps=2, max_examples=16),
         eval_domain_size=8,
