@@ -323,7 +323,9 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
     built zoo whose pretrained base to reuse (same seed, shape, pretraining and threads,
     checked, and recorded in the card): fine-tuning experiments then skip pretraining,
     most of a build's time. ``jobs`` fine-tunes train at once (default
-    :func:`default_jobs`); it changes the build time, not the weights.
+    :func:`default_jobs`); it changes the build time, not the weights. With ``jobs > 1``
+    the workers are spawned processes, so a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard (as for a torch DataLoader with workers).
     """
     config = config or ZooConfig()
     jobs = default_jobs() if jobs is None else jobs
