@@ -229,3 +229,9 @@ def test_base_from_reuses_the_pretrained_base_and_checks_it(micro_zoo, tmp_path)
     with pytest.raises(EvomergeError, match="another seed"):
         build_zoo(micro_config(seed=1), out=tmp_path / "other", base_from=micro_zoo.root)
     assert not (tmp_path / "other").exists()
+
+
+def test_jobs_below_one_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(EvomergeError, match=r"jobs \(--jobs\).*got 0"):
+        build_zoo(micro_config(seed=0), out=tmp_path / "zoo", jobs=0)
+    assert not (tmp_path / "zoo").exists()

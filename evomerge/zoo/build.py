@@ -330,7 +330,7 @@ def build_zoo(config: ZooConfig | None = None, out: str | os.PathLike[str] | Non
     config = config or ZooConfig()
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
-        raise EvomergeError(f"jobs must be >= 1, got {jobs}")
+        raise EvomergeError(f"jobs (--jobs): fine-tunes trained at once must be >= 1, got {jobs}")
     root = Path(out) if out is not None else default_zoo_dir(config)
     card_path = root / CARD_FILE
     if card_path.exists() and not force:
