@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import logging
 import math
 import struct
@@ -467,11 +468,11 @@ def _f32_step(v: float, up: bool) -> float:
     return struct.unpack("<f", struct.pack("<I", bits + (1 if up else -1)))[0]
 
 
-
 @functools.cache
 def _run_offsets(w: int, device: torch.device) -> torch.Tensor:
     """Rank offsets of a plan's probe from ``(lo, hi)``: ``-1, 0..w-1`` and ``-w..-1, 0``."""
     return torch.tensor([-1, *range(w), *range(-w, 0), 0], dtype=torch.int64, device=device)
+
 
 @dataclass
 class BreadcrumbsState:
@@ -650,10 +651,7 @@ class Breadcrumbs(_Base):
             return {}
         sizes = [len(idx) for idx in idxs]
         total = sum(sizes)
-        offsets = [0]
-        for m in sizes[:-1]:
-            offsets.append(offsets[-1] + m)
-        for i, idx, off in zip(sel, idxs, offsets):  # flat (expert, column) positions kept by a list
+        for i, idx, off in zip(sel, idxs, itertools.accumulate(sizes, initial=0)):  # flat (expert, column) positions kept by a list
             forced += [torch.searchsorted(idx, tie) + (k * total + off) for k, tie in enumerate(plans[i].ties) if tie is not None]
         counts = torch.tensor(sizes, device=rows.device)
         cols = torch.cat([rows[sel, : 3 * t], torch.stack([coeffs[i] for i in sel])], 1).repeat_interleave(counts, 0).t()

@@ -29,7 +29,7 @@ from evomerge.refs import zoo_cache_dir
 from evomerge.zoo import evaluate as ev
 from evomerge.zoo import world as synthetic
 from evomerge.zoo.card import check_targets
-from evomerge.zoo.config import ZooConfig
+from evomerge.zoo.config import StageConfig, ZooConfig
 from evomerge.zoo.tokenizer import GUARD_CHAT_TEMPLATE, train_tokenizer, with_guard_template
 from evomerge.zoo.train import Example, encode_chat_examples, pack_documents, train
 from evomerge.zoo.world import Conversation, World
@@ -263,7 +263,7 @@ class _Finetune:
 
     name: str
     examples: list[Example]
-    stage: Any
+    stage: StageConfig
     seed: int
     local: list[Example]
     tokenizer: Any  # saved with the model (not sent to a worker)
@@ -290,7 +290,7 @@ def _train_finetunes(base, specs: list[_Finetune], pad: int, threads: int, jobs:
     """Yield ``(spec, (weights, loss, seconds))`` in the order of ``specs``, training up to
     ``jobs`` at once in spawned worker processes (``jobs == 1``: one after another, here).
     After pretraining, the fine-tunes are most of a build: two cores train two at a time."""
-    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    state = base.state_dict()  # read only: each worker loads it into its own model
     if jobs <= 1 or len(specs) <= 1:
         for spec in specs:
             yield spec, _finetune_worker(base.config, state, spec, pad, threads)

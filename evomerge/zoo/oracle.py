@@ -3,7 +3,8 @@
 A CMA-ES over task arithmetic (or TIES, with a density per module and model too) with a
 per-module genome (embeddings, attention and MLP of every layer, head; one weight per
 model each) scores every candidate by what the merged model *does* on held-in prompts:
-refusals of unsafe requests, refusals of benign ones, domain accuracy. The chosen merge is then measured on held-out prompts.
+refusals of unsafe requests, refusals of benign ones, domain accuracy. The chosen merge
+is then measured on held-out prompts.
 
 It answers "does this pool hold a merge that is both safe and skilled?" for the zoo
 card (a small budget) and for scripts/zoo_oracle.py (a larger one, every pool). It is a
