@@ -88,3 +88,32 @@ def test_compiled_breadcrumbs_with_straddling_ties_matches_reference(method):
             out, ref = build(cache, genome), merge_uncached(pool, method, options, genome)
             for name in ref:
                 torch.testing.assert_close(out[name], ref[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dare", "della"])
+def test_compiled_mask_kernels_agree_on_both_word_forms(name):
+    """The packed level words go in as int32 (AVX-512) or as a float32 view (AVX2 and
+    others: F.level_words_arg); both forms give the same bits on any machine."""
+    from evomerge.merge import fused as F
+    from evomerge.merge import kernels as K
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(11)
+    t, n = 3, 5000
+    taus, base = torch.randn(t, n, generator=g), torch.randn(n, generator=g)
+    words = K.level_words(t, n)
+    for k in range(t):
+        K.pack_level(words, k, torch.randint(0, 65536, (n,), generator=g, dtype=torch.int32))
+    levels = torch.tensor([20000, 40000, 65535], dtype=torch.int32)
+    dens, factors = torch.tensor([0.3, 0.6, 0.99]), torch.tensor([1.2, -0.7, 0.9])
+    coeffs, l1, scale = torch.tensor([0.5, 0.8, 0.3]), taus.abs().sum(1), torch.tensor(0.9)
+    outs = []
+    for form in (words, words.view(torch.float32)):
+        for ties, normalize, rescale in ((True, True, False), (False, False, True)):
+            out = torch.empty(n)
+            F.run(name, True, out, taus, base, form, levels, dens, factors, coeffs, l1, scale, ties, normalize, rescale)
+            eager = torch.empty(n)
+            F.run(name, False, eager, taus, base, form, levels, dens, factors, coeffs, l1, scale, ties, normalize, rescale)
+            torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+            outs.append(out)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])

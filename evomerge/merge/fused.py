@@ -137,11 +137,33 @@ def ties_masked_kernel(
     out.copy_(base.float() + scale * _consensus(ws, coeffs, normalize))
 
 
+def level_words_arg(words: torch.Tensor) -> torch.Tensor:
+    """The packed level words (int32, :func:`evomerge.merge.kernels.level_words`) in the
+    form the compiled kernels load fastest on this machine; :func:`unpack_level` reads both.
+
+    Inductor's AVX2 code loads integer vectors through a scalar copy, so there the kernels
+    get a float32 view (a float load, bit-cast back); its AVX-512 code loads int32 vectors
+    directly but bit-casts a float vector element by element, so there they get the words
+    themselves (DELLA's TIES kernel 2.5x faster on an AVX-512 Xeon; benchmarks/RESULTS.md).
+    """
+    if words.device.type == "cpu" and _cpu_capability() == "AVX512":
+        return words
+    return words.view(torch.float32)
+
+
+def _cpu_capability() -> str:
+    if "capability" not in _ISA:
+        _ISA["capability"] = torch.backends.cpu.get_cpu_capability()
+    return _ISA["capability"]
+
+
+_ISA: dict[str, str] = {}
+
+
 def unpack_level(words: torch.Tensor, k: int) -> torch.Tensor:
     """Expert ``k``'s 16-bit mask levels (int32) from the packed words of
-    :func:`evomerge.merge.kernels.level_words`. The kernels get the words as a float32
-    view: the bit cast is free and the load stays a float vector load (integer loads are
-    slow in inductor's AVX2 code); eager callers may pass the int32 words themselves."""
+    :func:`evomerge.merge.kernels.level_words`, given as int32 or as a float32 view
+    (:func:`level_words_arg`; the bit cast of a view costs nothing in eager torch)."""
     w = words[k // 2].view(torch.int32)
     return ((w >> 16) & 0xFFFF) if k % 2 else (w & 0xFFFF)
 
@@ -162,8 +184,8 @@ def dare_kernel(
     l1: bool,
 ) -> None:
     """``out = base + scale * DARE(taus)``: keep ``q < g_k`` (the stored 16-bit quantile of
-    the keyed field vs the snapped density level, ``words`` a float32 view of the packed
-    levels), scale by ``factors_k`` (``c_k`` times the rescale; with ``l1`` the
+    the keyed field vs the snapped density level, ``words`` the packed levels as
+    :func:`level_words_arg` gives them), scale by ``factors_k`` (``c_k`` times the rescale; with ``l1`` the
     L1-matching ratio is computed here), then sum or TIES consensus. ``normalize`` for
     dare_linear is folded into ``factors`` by the caller.
     """
@@ -215,7 +237,7 @@ def della_kernel(
     rescale: bool,
 ) -> None:
     """``out = base + scale * DELLA(taus)``: keep ``v < g_k`` (``v`` each entry's 16-bit
-    keep level from prepare, ``words`` a float32 view of the packed levels; ``g_k`` the
+    keep level from prepare, ``words`` the packed levels (:func:`level_words_arg`); ``g_k`` the
     density's level, 0 keeps none and 65536 all), scale by ``factors_k`` (times the
     L1-matching ratio with ``rescale``: tensors without a kept-L1 table, a second pass),
     then TIES consensus or a sum.

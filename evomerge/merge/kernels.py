@@ -238,9 +238,9 @@ def level_words(n_experts: int, n: int, device: torch.device | str = "cpu") -> t
     half-row empty).
 
     Why words and not uint8/int16 planes: inductor's AVX2 code loads integer vectors
-    through a scalar copy, at about half the speed of a float load; the fused kernels
-    receive these words as a float32 view and bit-cast them back
-    (:func:`evomerge.merge.fused.unpack_level`), a plain vector load (benchmarks/RESULTS.md).
+    through a scalar copy, at about half the speed of a float load; there the fused
+    kernels receive these words as a float32 view and bit-cast them back, a plain vector
+    load (:func:`evomerge.merge.fused.level_words_arg`, benchmarks/RESULTS.md).
     """
     return torch.zeros((-(-n_experts // 2), n), dtype=torch.int32, device=device)
 

@@ -771,7 +771,7 @@ class _Dare(_Base):
             dst,
             state.taus,
             base,
-            state.words.view(torch.float32),  # bit-cast back inside the kernel (F.unpack_level)
+            F.level_words_arg(state.words),  # int32 or a float32 view, whichever loads faster here
             levels,
             dens,
             factors,

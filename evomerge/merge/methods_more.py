@@ -161,7 +161,7 @@ class Della(_Base):
     def build_tensor(self, state, base, cand, dst, ws, options, ctx) -> None:
         if ctx is not None:
             levels, dens, factors, scale, l1 = ctx[id(state)]
-            F.run("della", ws.compiled, dst, state.taus, base, state.words.view(torch.float32), levels, dens, factors,
+            F.run("della", ws.compiled, dst, state.taus, base, F.level_words_arg(state.words), levels, dens, factors,
                   cand.coeffs, state.l1t, scale, self.ties, options.normalize, l1)
             return
         t, n = state.taus.shape
