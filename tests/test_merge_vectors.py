@@ -217,7 +217,7 @@ def test_packed_levels_round_trip_for_every_expert_and_bit_pattern():
 def test_level_words_go_to_the_kernels_in_the_form_this_cpu_loads_fastest(monkeypatch, capability, dtype):
     """AVX-512 code loads int32 vectors directly; AVX2 code loads them through a scalar
     copy, so there the kernels get a float32 view of the same bits (benchmarks/RESULTS.md)."""
-    monkeypatch.setitem(F._ISA, "capability", capability)
+    monkeypatch.setattr(F, "_cpu_capability", lambda: capability)
     words = K.level_words(3, 6)
     K.pack_level(words, 1, torch.arange(6))
     arg = F.level_words_arg(words)

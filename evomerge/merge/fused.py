@@ -11,6 +11,7 @@ cache is widened to float32 inside the kernels (``.float()`` is a no-op on fp32)
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -151,13 +152,11 @@ def level_words_arg(words: torch.Tensor) -> torch.Tensor:
     return words.view(torch.float32)
 
 
+@functools.cache
 def _cpu_capability() -> str:
-    if "capability" not in _ISA:
-        _ISA["capability"] = torch.backends.cpu.get_cpu_capability()
-    return _ISA["capability"]
-
-
-_ISA: dict[str, str] = {}
+    """torch's vector ISA for this CPU ("AVX512", "AVX2", ...; ``ATEN_CPU_CAPABILITY``
+    lowers it, and inductor's generated code follows the same setting)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def unpack_level(words: torch.Tensor, k: int) -> torch.Tensor:
