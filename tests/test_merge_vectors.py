@@ -212,7 +212,6 @@ def test_packed_levels_round_trip_for_every_expert_and_bit_pattern():
         assert F.unpack_level(words.view(torch.float32).clone(), k).tolist() == v.tolist()
 
 
-
 @pytest.mark.parametrize("capability,dtype", [("AVX512", torch.int32), ("AVX2", torch.float32), ("DEFAULT", torch.float32)])
 def test_level_words_go_to_the_kernels_in_the_form_this_cpu_loads_fastest(monkeypatch, capability, dtype):
     """AVX-512 code loads int32 vectors directly; AVX2 code loads them through a scalar
@@ -223,6 +222,7 @@ def test_level_words_go_to_the_kernels_in_the_form_this_cpu_loads_fastest(monkey
     arg = F.level_words_arg(words)
     assert arg.dtype == dtype and arg.data_ptr() == words.data_ptr()
     assert F.unpack_level(arg, 1).tolist() == list(range(6))
+
 
 def test_dare_quantiles_give_the_full_field_mask_at_the_snapped_density():
     u = torch.tensor([0.0, 0.5 - 2**-24, 0.5, 0.8, 1 - 2**-24])

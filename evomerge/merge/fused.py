@@ -184,9 +184,9 @@ def dare_kernel(
 ) -> None:
     """``out = base + scale * DARE(taus)``: keep ``q < g_k`` (the stored 16-bit quantile of
     the keyed field vs the snapped density level, ``words`` the packed levels as
-    :func:`level_words_arg` gives them), scale by ``factors_k`` (``c_k`` times the rescale; with ``l1`` the
-    L1-matching ratio is computed here), then sum or TIES consensus. ``normalize`` for
-    dare_linear is folded into ``factors`` by the caller.
+    :func:`level_words_arg` gives them), scale by ``factors_k`` (``c_k`` times the
+    rescale; with ``l1`` the L1-matching ratio is computed here), then sum or TIES
+    consensus. ``normalize`` for dare_linear is folded into ``factors`` by the caller.
     """
     ws = []
     for k in range(taus.shape[0]):
@@ -236,8 +236,8 @@ def della_kernel(
     rescale: bool,
 ) -> None:
     """``out = base + scale * DELLA(taus)``: keep ``v < g_k`` (``v`` each entry's 16-bit
-    keep level from prepare, ``words`` the packed levels (:func:`level_words_arg`); ``g_k`` the
-    density's level, 0 keeps none and 65536 all), scale by ``factors_k`` (times the
+    keep level from prepare, ``words`` the packed levels (:func:`level_words_arg`);
+    ``g_k`` the density's level, 0 keeps none and 65536 all), scale by ``factors_k`` (times the
     L1-matching ratio with ``rescale``: tensors without a kept-L1 table, a second pass),
     then TIES consensus or a sum.
     """
