@@ -6,7 +6,9 @@ each form's throughput as a fraction of a plain copy of the same bytes (benchmar
 Pairs measured (3 experts, one thread, median of calls each timed right after a copy):
 * a band mask ``lo < |x| < hi`` as ``where((a > lo) & (a < hi), ...)`` or as nested selects
   (the breadcrumbs kernel uses the nested form);
-* a mask level loaded as int32 or as a float32 view bit-cast back (DARE and DELLA's words).
+* a mask level loaded as int32 or as a float32 view bit-cast back (DARE and DELLA's words),
+  and the int32 comparison used as a select or as a 0/1 float flag that multiplies (the
+  kernels' form, ``evomerge.merge.fused.keep_flag``).
 Which form wins depends on the CPU's vector code (inductor's AVX2 code combines masks and
 loads integers through buffers); on AVX-512 both forms of a pair may be equal.
 """
@@ -50,6 +52,13 @@ def level_view(out, taus, base, words, g, f):
     out.copy_(acc)
 
 
+def level_flag(out, taus, base, words, g, f):
+    acc = base
+    for k in range(taus.shape[0]):
+        acc = acc + taus[k] * (((words[k] & 0xFFFF) < g[k]).to(torch.float32) * f[k])
+    out.copy_(acc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=4_096_000)
@@ -67,6 +76,7 @@ def main() -> None:
         "band: nested selects": (band_nested, (out, taus, base, lo, hi, f)),
         "level: int32 load": (level_int, (out, taus, base, words, levels, f)),
         "level: float32 view": (level_view, (out, taus, base, words.view(torch.float32), levels, f)),
+        "level: int32, keep flag x": (level_flag, (out, taus, base, words, levels, f)),
     }
     nbytes = 4 * n * (t + 2)  # taus, base and out: the bytes of task arithmetic (the levels not counted)
     ratios = {}

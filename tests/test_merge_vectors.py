@@ -224,6 +224,24 @@ def test_level_words_go_to_the_kernels_in_the_form_this_cpu_loads_fastest(monkey
     assert F.unpack_level(arg, 1).tolist() == list(range(6))
 
 
+def test_keep_flag_multiplies_like_the_select_it_replaces():
+    """The kernels multiply by a 0/1 float flag instead of ``where(level < g, x, 0)``
+    (faster in inductor's CPU code, benchmarks/RESULTS.md); for finite values they agree,
+    at the cut levels 0, 1, 65535 and 65536 too, with either word form."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, generator=g)
+    v = [torch.tensor([0, 1, 2, 65534, 65535, 0, 7, 65535, 1]), torch.tensor([65535, 0, 1, 2, 3, 65534, 9, 8, 0])]
+    words = K.level_words(2, 9)
+    for k in range(2):
+        K.pack_level(words, k, v[k])
+    for form in (words, words.view(torch.float32)):
+        for k in range(2):
+            for cut in (0, 1, 2, 65535, 65536):
+                flag = F.keep_flag(form, k, torch.tensor(cut, dtype=torch.int32))
+                assert flag.dtype == torch.float32 and set(flag.tolist()) <= {0.0, 1.0}
+                assert torch.equal(x[k] * flag, torch.where(v[k] < cut, x[k], 0.0))
+
+
 def test_dare_quantiles_give_the_full_field_mask_at_the_snapped_density():
     u = torch.tensor([0.0, 0.5 - 2**-24, 0.5, 0.8, 1 - 2**-24])
     q = K.dare_quantiles(u)
