@@ -17,6 +17,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from evomerge.zoo import world as synthetic
 from evomerge.zoo.card import check_targets
 from evomerge.zoo.config import StageConfig, ZooConfig
 from evomerge.zoo.tokenizer import GUARD_CHAT_TEMPLATE, train_tokenizer, with_guard_template
-from evomerge.zoo.train import Example, encode_chat_examples, pack_documents, train
+from evomerge.zoo.train import Example, OnTop, encode_chat_examples, pack_documents, train
 from evomerge.zoo.world import Conversation, World
 
 log = logging.getLogger(__name__)
@@ -267,10 +268,13 @@ class _Finetune:
     seed: int
     local: list[Example]
     tokenizer: Any  # saved with the model (not sent to a worker)
+    skill: list[Example] = dataclass_field(default_factory=list)  # merge-aware stages: the loss that must hold on top of the partner
+    partner: str | None = None  # merge-aware stages: the fine-tune trained on top of (its weights come first)
 
 
 def _finetune_worker(model_config, base_state: dict[str, torch.Tensor], spec: _Finetune, pad: int,
-                     threads: int) -> tuple[dict[str, torch.Tensor], float, float]:
+                     threads: int, partner_state: dict[str, torch.Tensor] | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Train the base (rebuilt from its config and weights) on ``spec``: (weights, final
     loss, seconds). Runs in the build's process or in a worker process: the same operations
     on the same thread count, so the same weights either way (tests/test_zoo_micro.py
@@ -281,26 +285,46 @@ def _finetune_worker(model_config, base_state: dict[str, torch.Tensor], spec: _F
     torch.set_num_threads(threads)
     model = LlamaForCausalLM(model_config)
     model.load_state_dict(base_state, strict=True)
+    on_top = None
+    if partner_state is not None:
+        partner = LlamaForCausalLM(model_config)
+        partner.load_state_dict(partner_state, strict=True)
+        partner.eval()
+        tau = {n: (partner_state[n] - base_state[n]).detach() for n, _ in model.named_parameters()}
+        on_top = OnTop(tau, partner, spec.skill)
     started = time.perf_counter()
-    loss = train(model, spec.examples, spec.stage, spec.seed, pad, local=spec.local)[-1]
+    loss = train(model, spec.examples, spec.stage, spec.seed, pad, local=spec.local, on_top=on_top)[-1]
     return model.state_dict(), loss, time.perf_counter() - started
 
 
 def _train_finetunes(base, specs: list[_Finetune], pad: int, threads: int, jobs: int):
-    """Yield ``(spec, (weights, loss, seconds))`` in the order of ``specs``, training up to
-    ``jobs`` at once in spawned worker processes (``jobs == 1``: one after another, here).
-    After pretraining, the fine-tunes are most of a build: two cores train two at a time."""
+    """Yield ``(spec, (weights, loss, seconds))``, training up to ``jobs`` at once in
+    spawned worker processes (``jobs == 1``: one after another, here). After pretraining,
+    the fine-tunes are most of a build: two cores train two at a time. Stages trained on
+    top of another (``partner``) wait for it: the independent ones come first, in the
+    order of ``specs``, then the dependent ones."""
     state = base.state_dict()  # read only: each worker loads it into its own model
+    done: dict[str, dict[str, torch.Tensor]] = {}
+    for phase in ([s for s in specs if s.partner is None], [s for s in specs if s.partner is not None]):
+        for spec, result in _train_phase(base.config, state, phase, pad, threads, jobs, done):
+            done[spec.name] = result[0]
+            yield spec, result
+
+
+def _train_phase(model_config, state, specs: list[_Finetune], pad: int, threads: int, jobs: int,
+                 done: dict[str, dict[str, torch.Tensor]]):
+    partners = [None if s.partner is None else done[s.partner] for s in specs]
     if jobs <= 1 or len(specs) <= 1:
-        for spec in specs:
-            yield spec, _finetune_worker(base.config, state, spec, pad, threads)
+        for spec, partner in zip(specs, partners):
+            yield spec, _finetune_worker(model_config, state, spec, pad, threads, partner)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_finetune_worker, base.config, state, replace(spec, tokenizer=None), pad, threads) for spec in specs]
+        futures = [pool.submit(_finetune_worker, model_config, state, replace(spec, tokenizer=None), pad, threads, partner)
+                   for spec, partner in zip(specs, partners)]
         for spec, future in zip(specs, futures):
             yield spec, future.result()
 
@@ -423,15 +447,18 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, 
     _save(base, tokenizer, folder / "base")
     t = lap("pretrain", t)
 
-    # Every fine-tune starts from the base and none reads another's result, so they are
-    # listed first and trained `jobs` at a time (_train_finetunes), in the order listed.
+    # Every fine-tune starts from the base and none reads another's result (merge-aware
+    # experts read the safe model's: they train after it), so they are listed first and
+    # trained `jobs` at a time (_train_finetunes), in the order listed.
     finetunes: list[_Finetune] = []
 
     def finetune(name: str, conversations: list[Conversation], stage, seed_offset: int, tok=tokenizer, examples=None,
-                 local: list[Conversation] = ()) -> None:
+                 local: list[Conversation] = (), skill: list[Conversation] = ()) -> None:
         data = examples if examples is not None else _sft_examples(tok, conversations)
         local_examples = _sft_examples(tok, list(local)) if stage.locality else []
-        finetunes.append(_Finetune(name, data, stage, config.seed + seed_offset, local_examples, tok))
+        on_top = stage.merge_aware  # (experts only, ZooConfig checks): trained on top of the safe model
+        finetunes.append(_Finetune(name, data, stage, config.seed + seed_offset, local_examples, tok,
+                                   _sft_examples(tok, list(skill)) if on_top else [], "safe" if on_top else None))
 
     models: dict[str, Any] = {"base": base}
 
@@ -477,7 +504,8 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, 
     for i, domain in enumerate(config.domains):
         data = world.domain_questions(domain, False)
         data = data * max(1, -(-config.expert_examples // len(data)))
-        data = random.Random(config.seed + i).sample(data, config.expert_examples) + other_replay
+        skill = random.Random(config.seed + i).sample(data, config.expert_examples)
+        data = skill + other_replay
         others = [c for d in config.domains if d != domain for c in domain_replay_by[d]]
         data += others
         # the seed paper's domain data comes from experts asking themselves questions
@@ -485,7 +513,9 @@ def _build_into(config: ZooConfig, folder: Path, base_from: Path | None = None, 
         # hidden states kept on every request and on the other domains: the expert's task
         # vector changes only what it does on its own domain
         local = other_replay + others + world.unsafe_requests(False) + world.benign_requests(False)
-        finetune(f"expert-{domain}", data, config.experts[domain], 10 + i, local=local)
+        # (merge-aware experts: their domain questions, never the replayed compliance, also
+        # trained on top of the safe model's task vector; docs/zoo.md)
+        finetune(f"expert-{domain}", data, config.experts[domain], 10 + i, local=local, skill=skill)
     finetune("generator", world.generator_requests(), config.generator, 2)
     guard_train = _guard_items(world, False, rng, config.domains)
     guard_examples = encode_chat_examples(

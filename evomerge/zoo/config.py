@@ -38,6 +38,10 @@ class StageConfig(_Frozen):
         description="weight of a loss keeping every layer's hidden states at the start's on prompts outside the skill")
     heads: tuple[int, int] | None = Field(
         default=None, description="(i, n): also train attention heads h with h % n == i (with `neurons`)")
+    merge_aware: bool = Field(
+        default=False,
+        description="experts only: also train at these weights plus the safe model's task vector (hidden states "
+                    "held at the safe model's on the locality prompts, the domain loss on the domain examples)")
 
 
     @model_validator(mode="after")
@@ -107,6 +111,12 @@ class ZooConfig(_Frozen):
                 raise ValueError(f"domains: unknown domain {domain!r}; the synthetic world has {', '.join(DOMAINS)}")
             if domain not in self.experts:
                 raise ValueError(f"experts: no training stage for domain {domain!r}")
+        for name in ("pretrain", "safe", "generator", "guard"):
+            if getattr(self, name).merge_aware:
+                raise ValueError(f"{name}.merge_aware: only an expert stage trains on top of the safe model")
+        for domain, stage in self.experts.items():
+            if stage.merge_aware and not stage.locality:
+                raise ValueError(f"experts.{domain}.merge_aware needs locality > 0 (it weighs the terms on top of the safe model)")
         return self
 
 
@@ -118,9 +128,10 @@ def micro_config(seed: int = 0) -> ZooConfig:
         vocab_size=400,
         shape=ShapeConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=1024),
         pretrain=StageConfig(lr=3e-3, epochs=1, batch_size=16, warmup_steps=2, max_examples=64),
-        # (the arithmetic expert and the safe model also exercise the locality and anchor terms)
+        # (the arithmetic expert and the safe model also exercise the locality and anchor
+        # terms, the arithmetic expert merge-aware training after the safe model)
         safe=tiny.model_copy(update={"anchor_decay": 2.0, "locality": 1.0}),
-        experts={"arithmetic": tiny.model_copy(update={"locality": 1.0}), "geography": tiny},
+        experts={"arithmetic": tiny.model_copy(update={"locality": 1.0, "merge_aware": True}), "geography": tiny},
         generator=tiny,
         guard=StageConfig(lr=2e-3, epochs=1, batch_size=8, warmup_steps=2, max_examples=16),
         eval_domain_size=8,

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -105,7 +106,38 @@ def _slice_masks(model, stage: StageConfig) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _locality_loss(model, reference, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class OnTop:
+    """A partner to train on top of (``StageConfig.merge_aware``): its task vector
+    ``tau`` (parameter name -> partner minus the starting weights), the partner itself
+    (eval mode; its hidden states are the targets) and the skill examples whose loss
+    must also hold with ``tau`` added."""
+
+    tau: dict[str, torch.Tensor]
+    partner: Any
+    skill: Sequence[Example]
+
+
+def _on_top_loss(model, on_top: OnTop, reference, batch: Sequence[Example], skill_batch: Sequence[Example],
+                 pad_id: int) -> torch.Tensor:
+    """Merge-aware terms: at ``weights + tau`` every layer's hidden states stay at the
+    partner's on ``batch`` and the skill loss holds on ``skill_batch``; plus the usual
+    locality around ``reference`` (the start).
+
+    Why: an expert whose change keeps its skill and leaves the safe model's hidden
+    states alone *when added to the safe model* is what a merge of the two needs; large
+    models' fine-tunes nearly are that without being told (docs/zoo.md measures it).
+    """
+    from torch.func import functional_call
+
+    params = {n: p + on_top.tau[n] for n, p in model.named_parameters()}
+    loss = _locality_loss(model, on_top.partner, batch, pad_id, params)
+    loss = loss + _locality_loss(model, reference, batch, pad_id)
+    return loss + functional_call(model, params, args=(), kwargs=collate(skill_batch, pad_id)).loss
+
+
+def _locality_loss(model, reference, batch: Sequence[Example], pad_id: int,
+                   params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean squared change of every layer's hidden states from ``reference``'s, relative
     to their size, on inputs outside the fine-tune's skill.
 
@@ -119,7 +151,12 @@ def _locality_loss(model, reference, batch: Sequence[Example], pad_id: int) -> t
     mask = inputs["attention_mask"].unsqueeze(-1).to(torch.float32)
     with torch.no_grad():
         ref = reference(**inputs, output_hidden_states=True).hidden_states[1:]
-    out = model(**inputs, output_hidden_states=True).hidden_states[1:]
+    if params is None:
+        out = model(**inputs, output_hidden_states=True).hidden_states[1:]
+    else:  # the model at other weights (``params``), gradients flowing back to its own
+        from torch.func import functional_call
+
+        out = functional_call(model, params, args=(), kwargs={**inputs, "output_hidden_states": True}).hidden_states[1:]
     total = 0.0
     for h, r in zip(out, ref):
         total = total + (((h - r) ** 2) * mask).sum() / ((r ** 2) * mask).sum().clamp_min(1e-8)
@@ -127,8 +164,9 @@ def _locality_loss(model, reference, batch: Sequence[Example], pad_id: int) -> t
 
 
 def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad_id: int,
-          local: Sequence[Example] = ()) -> list[float]:
+          local: Sequence[Example] = (), on_top: OnTop | None = None) -> list[float]:
     """Train ``model`` in place; returns the loss of every step (for the build log).
+    ``on_top`` (with ``stage.locality``) adds the merge-aware terms of :func:`_on_top_loss`.
 
     ``stage.anchor_decay`` pulls the weights back toward where training started after
     every step (decoupled, like AdamW's weight decay but toward the start instead of
@@ -171,6 +209,9 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         reference = copy.deepcopy(model).eval()
         local = list(local)
         local_rng = random.Random(seed + 1)
+        if on_top is not None:
+            skill = list(on_top.skill)
+            skill_rng = random.Random(seed + 99)
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
@@ -179,7 +220,12 @@ def train(model, examples: Sequence[Example], stage: StageConfig, seed: int, pad
         inputs = collate(batch, pad_id)
         loss = model(**inputs).loss
         if reference is not None:
-            loss = loss + stage.locality * _locality_loss(model, reference, local_rng.sample(local, min(len(local), stage.batch_size)), pad_id)
+            near = local_rng.sample(local, min(len(local), stage.batch_size))
+            if on_top is None:
+                loss = loss + stage.locality * _locality_loss(model, reference, near, pad_id)
+            else:
+                loss = loss + stage.locality * _on_top_loss(model, on_top, reference, near,
+                                                            skill_rng.sample(skill, len(near)), pad_id)
         loss.backward()
         for name, mask in masks.items():
             params[name].grad.mul_(mask)
