@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/zoo-robustness")
     parser.add_argument("--table-only", action="store_true", help="tabulate the zoos already built under --out")
     parser.add_argument("--base-from", help="reuse pretrained bases: a folder with seed{S}-threads{T} zoos of the same pretraining")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="zoo config overrides for every build (as `evomerge zoo build key=value`)")
     args = parser.parse_args()
     out = Path(args.out)
     rows = []
@@ -67,11 +69,12 @@ def main() -> None:
         for threads in args.threads:
             folder = out / f"seed{seed}-threads{threads}"
             if not args.table_only:
-                from evomerge.zoo import ZooConfig, build_zoo
+                from evomerge.zoo import build_zoo
+                from evomerge.zoo.config import zoo_config
 
                 print(f"[zoo] seed {seed}, {threads} thread(s) -> {folder}", flush=True)
                 source = Path(args.base_from) / folder.name if args.base_from else None
-                build_zoo(ZooConfig(seed=seed, threads=threads), out=folder,
+                build_zoo(zoo_config([*args.set, f"threads={threads}"], seed=seed), out=folder,
                           base_from=source if source is not None and (source / "card.json").exists() else None)
             if (folder / "card.json").exists():
                 rows.append(card_row(json.loads((folder / "card.json").read_text())))

@@ -14,7 +14,7 @@ from evomerge.errors import EvomergeError
 from evomerge.pool import Pool
 from evomerge.zoo import build as zoo_build
 from evomerge.zoo.build import build_zoo, zoo_key
-from evomerge.zoo.config import micro_config
+from evomerge.zoo.config import ZooConfig, micro_config
 
 MODELS = ["base", "safe", "expert-arithmetic", "expert-geography", "generator", "guard"]
 
@@ -111,10 +111,25 @@ def test_cli_zoo_build_prints_card(micro_zoo, capsys):
     assert "refuses unsafe" in out and "guard: agreement" in out and "zoo: " in out
 
 
+def test_cli_zoo_build_takes_config_overrides_and_names_a_bad_one(micro_zoo, tmp_path, capsys):
+    from evomerge.zoo.config import zoo_config
+
+    config = zoo_config(["shape.hidden_size=128", "experts.geography.merge_aware=true"], seed=2)
+    assert (config.seed, config.shape.hidden_size, config.experts["geography"].merge_aware) == (2, 128, True)
+    assert config.experts["arithmetic"] == ZooConfig().experts["arithmetic"]  # the rest stays the default
+    assert zoo_config(seed=3) == ZooConfig(seed=3) and zoo_config(micro=True) == micro_config()
+    # the micro zoo's own config, stated as overrides, is the fixture's cache hit
+    assert main(["zoo", "build", "--micro", "--out", str(micro_zoo.root), "experts.arithmetic.merge_aware=true"]) == 0
+    target = tmp_path / "never"
+    assert main(["zoo", "build", "--micro", "--out", str(target), "shape.width=3"]) == 2
+    err = capsys.readouterr().err
+    assert "shape.width" in err and "unknown field" in err and "Traceback" not in err
+    assert not target.exists()
+
+
 def test_config_errors_name_the_field():
     from pydantic import ValidationError
 
-    from evomerge.zoo.config import ZooConfig
 
     with pytest.raises(ValidationError, match="domains: unknown domain 'cooking'"):
         ZooConfig(domains=("arithmetic", "cooking"))

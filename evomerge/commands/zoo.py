@@ -9,7 +9,7 @@ import sys
 
 from evomerge.zoo.build import build_zoo, compare_cards, shipped_zoo
 from evomerge.zoo.card import render_card
-from evomerge.zoo.config import ZooConfig, micro_config
+from evomerge.zoo.config import zoo_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo exists")
     build.add_argument("--seed", type=int, default=0, help="seed of the synthetic world and of training (default 0)")
     build.add_argument("--micro", action="store_true", help="a seconds-long micro zoo for plumbing tests")
+    build.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="override zoo config fields by dotted name (evomerge/zoo/config.py), "
+                            "for example shape.hidden_size=128 experts.geography.merge_aware=true")
     build.add_argument("--jobs", type=int, default=None,
                        help="fine-tunes trained at once, in worker processes (default: 2, or 1 on one core); "
                             "the weights do not depend on it")
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    config = micro_config(args.seed) if args.micro else ZooConfig(seed=args.seed)
+    config = zoo_config(args.overrides, seed=args.seed, micro=args.micro)
     zoo = build_zoo(config, out=args.out, force=args.force, jobs=args.jobs)
     if args.json:
         json.dump(zoo.card, sys.stdout, indent=2)

@@ -142,3 +142,15 @@ def micro_config(seed: int = 0) -> ZooConfig:
         probe_search_generations=1,
         probe_popsize=2,
     )
+
+
+def zoo_config(overrides: list[str] | tuple[str, ...] = (), seed: int = 0, micro: bool = False) -> ZooConfig:
+    """The default (or micro) zoo config for ``seed`` with ``key=value`` overrides by dotted
+    field name (``shape.hidden_size=128``, ``experts.geography.merge_aware=true``), the way
+    recipes take them; a bad field or value is named."""
+    from evomerge.config import apply_overrides, validate_mapping
+
+    start = micro_config(seed) if micro else ZooConfig(seed=seed)
+    data = apply_overrides(start.model_dump(mode="json"), list(overrides))
+    return validate_mapping(ZooConfig, data, "zoo config")
+
