@@ -130,7 +130,6 @@ def test_cli_zoo_build_takes_config_overrides_and_names_a_bad_one(micro_zoo, tmp
 def test_config_errors_name_the_field():
     from pydantic import ValidationError
 
-
     with pytest.raises(ValidationError, match="domains: unknown domain 'cooking'"):
         ZooConfig(domains=("arithmetic", "cooking"))
     with pytest.raises(ValidationError, match="experts: no training stage for domain 'geography'"):
