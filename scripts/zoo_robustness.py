@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +64,14 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="zoo config overrides for every build (as `evomerge zoo build key=value`)")
     args = parser.parse_args()
+    from evomerge.errors import EvomergeError
+    from evomerge.zoo.config import zoo_config
+
+    try:  # a bad override is named before anything is built
+        zoo_config(args.set)
+    except EvomergeError as exc:
+        print(f"zoo_robustness: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(args.out)
     rows = []
     for seed in args.seeds:
@@ -70,7 +79,6 @@ def main() -> None:
             folder = out / f"seed{seed}-threads{threads}"
             if not args.table_only:
                 from evomerge.zoo import build_zoo
-                from evomerge.zoo.config import zoo_config
 
                 print(f"[zoo] seed {seed}, {threads} thread(s) -> {folder}", flush=True)
                 source = Path(args.base_from) / folder.name if args.base_from else None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.func import functional_call
 
 from evomerge.zoo.config import StageConfig
 
@@ -128,8 +129,6 @@ def _on_top_loss(model, on_top: OnTop, reference, batch: Sequence[Example], skil
     states alone *when added to the safe model* is what a merge of the two needs; large
     models' fine-tunes nearly are that without being told (docs/zoo.md measures it).
     """
-    from torch.func import functional_call
-
     params = {n: p + on_top.tau[n] for n, p in model.named_parameters()}
     loss = _locality_loss(model, on_top.partner, batch, pad_id, params)
     loss = loss + _locality_loss(model, reference, batch, pad_id)
@@ -154,8 +153,6 @@ def _locality_loss(model, reference, batch: Sequence[Example], pad_id: int,
     if params is None:
         out = model(**inputs, output_hidden_states=True).hidden_states[1:]
     else:  # the model at other weights (``params``), gradients flowing back to its own
-        from torch.func import functional_call
-
         out = functional_call(model, params, args=(), kwargs={**inputs, "output_hidden_states": True}).hidden_states[1:]
     total = 0.0
     for h, r in zip(out, ref):
