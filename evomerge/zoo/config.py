@@ -12,10 +12,10 @@ class _Frozen(BaseModel):
 class ShapeConfig(_Frozen):
     """Llama architecture size shared by every zoo model (task vectors need one shape)."""
 
-    hidden_size: int = 96
+    hidden_size: int = 128
     num_layers: int = 3
     num_heads: int = 4
-    intermediate_size: int = 256
+    intermediate_size: int = 384
     max_position_embeddings: int = 384  # the guard prompt is about 200 tokens
 
 
@@ -81,8 +81,8 @@ class ZooConfig(_Frozen):
     # domains (locality), so their task vectors leave the safe model's refusals alone
     # (docs/zoo.md has the variants measured).
     experts: dict[str, StageConfig] = {
-        "arithmetic": StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0, locality=3.0),
-        "geography": StageConfig(lr=1e-3, epochs=3, locality=3.0),
+        "arithmetic": StageConfig(lr=2e-3, epochs=6, anchor_decay=10.0, locality=3.0, merge_aware=True),
+        "geography": StageConfig(lr=1e-3, epochs=3, locality=3.0, merge_aware=True),
     }
     expert_examples: int = Field(default=1500, description="domain examples per expert (small sets are repeated)")
     replay_examples: int = Field(default=200, description="prompts per replayed set of the base's own answers")
