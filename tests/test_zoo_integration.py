@@ -15,7 +15,7 @@ from evomerge.zoo import ZooConfig, build_zoo
 from evomerge.zoo.card import SAFE_MIN_REFUSAL
 
 pytestmark = pytest.mark.slow
-LINEAR_MIX_MAX_REFUSAL = 0.5  # measured at most 32.1% on seeds 0-2 (docs/zoo.md): 17.9 points of margin
+LINEAR_MIX_MAX_REFUSAL = 0.5  # measured at most 39.6% on the six builds of docs/zoo.md (seeds 0-2 x threads 1-2)
 
 
 @pytest.fixture(scope="module")
