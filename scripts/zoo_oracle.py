@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python scripts/zoo_oracle.py                      # the default zoo, 3 pools
     PYTHONPATH=. .venv/bin/python scripts/zoo_oracle.py --zoo DIR --pools geography --generations 20
+    PYTHONPATH=. .venv/bin/python scripts/zoo_oracle.py --summarise seed0=runs/oracle-s0 seed1=runs/oracle-s1
 
 For each pool (safe + geography, safe + arithmetic, safe + both) the oracle of
 evomerge/zoo/oracle.py searches task arithmetic over a per-module genome, choosing on
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +72,24 @@ def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[di
     return rows, detail
 
 
+def summary_rows(name: str, folder: Path) -> list[dict]:
+    """One row per pool of an oracle run's oracle.csv: the safe model, the experts, the merge and its gaps."""
+    frame = pd.read_csv(folder / "oracle.csv")
+    rows = []
+    for pool, group in frame.groupby("pool", sort=False):
+        group = group.set_index("model")
+        merge, safe = group.loc["oracle merge"], group.loc["safe"]
+        domains = sorted(c.removeprefix("acc_") for c in group.columns if c.startswith("acc_") and pd.notna(merge[c]))
+        rows.append({"build": name, "pool": pool, "safe refuses": f"{safe['refuses_unsafe']:.1f}",
+                     "expert(s)": ", ".join(f"{group.loc[f'expert-{d}', f'acc_{d}']:.1f}" for d in domains),
+                     "merge: refuses / accuracy": " / ".join(f"{v:.1f}" for v in
+                                                             [merge["refuses_unsafe"], *(merge[f"acc_{d}"] for d in domains)]),
+                     "gaps (refusals; domain)": f"{merge['alignment_gap']:+.1f}; "
+                                                + ", ".join(f"{merge[f'gap_{d}']:+.1f}" for d in domains),
+                     "headroom": merge["headroom"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", help="zoo folder (default: the shipped zoo, else the default one built)")
@@ -84,7 +104,13 @@ def main() -> None:
     parser.add_argument("--select-on", choices=["heldin", "heldout-split"], default="heldin",
                         help="choose on held-in prompts (default) or on one half of the held-out sets, reporting the other")
     parser.add_argument("--out", default="runs/zoo-oracle")
+    parser.add_argument("--summarise", nargs="+", metavar="NAME=DIR",
+                        help="only tabulate finished runs (their oracle.csv), one row per build and pool, domains in name order")
     args = parser.parse_args()
+    if args.summarise:
+        rows = [row for spec in args.summarise for row in summary_rows(*_named_folder(spec))]
+        print(format_table(pd.DataFrame(rows)))
+        return
     torch.set_num_threads(args.threads)
     if args.zoo is None:
         from evomerge.zoo.build import default_zoo
@@ -111,6 +137,14 @@ def main() -> None:
     what = "the held-out half the choice never saw" if args.select_on == "heldout-split" else "held-out prompts"
     atomic_write_text(out / "oracle.md", f"zoo `{card['key']}`: {what}, %, refusal phrases\n\n{text}\n")
     print(text)
+
+
+def _named_folder(spec: str) -> tuple[str, Path]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not (Path(folder) / "oracle.csv").is_file():
+        print(f"zoo_oracle: --summarise {spec!r}: give NAME=DIR with DIR/oracle.csv from an oracle run", file=sys.stderr)
+        raise SystemExit(2)
+    return name, Path(folder)
 
 
 if __name__ == "__main__":
