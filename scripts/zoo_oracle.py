@@ -74,7 +74,14 @@ def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[di
 
 def summary_rows(name: str, folder: Path) -> list[dict]:
     """One row per pool of an oracle run's oracle.csv: the safe model, the experts, the merge and its gaps."""
-    frame = pd.read_csv(folder / "oracle.csv")
+    try:
+        return _summary_rows(name, pd.read_csv(folder / "oracle.csv"))
+    except (KeyError, ValueError, pd.errors.ParserError) as exc:  # a csv this script did not write
+        print(f"zoo_oracle: {folder / 'oracle.csv'}: not an oracle table ({type(exc).__name__}: {exc})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _summary_rows(name: str, frame: pd.DataFrame) -> list[dict]:
     rows = []
     for pool, group in frame.groupby("pool", sort=False):
         group = group.set_index("model")
@@ -88,6 +95,14 @@ def summary_rows(name: str, folder: Path) -> list[dict]:
                                                 + ", ".join(f"{merge[f'gap_{d}']:+.1f}" for d in domains),
                      "headroom": merge["headroom"]})
     return rows
+
+
+def _named_folder(spec: str) -> tuple[str, Path]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not (Path(folder) / "oracle.csv").is_file():
+        print(f"zoo_oracle: --summarise {spec!r}: give NAME=DIR with DIR/oracle.csv from an oracle run", file=sys.stderr)
+        raise SystemExit(2)
+    return name, Path(folder)
 
 
 def main() -> None:
@@ -137,14 +152,6 @@ def main() -> None:
     what = "the held-out half the choice never saw" if args.select_on == "heldout-split" else "held-out prompts"
     atomic_write_text(out / "oracle.md", f"zoo `{card['key']}`: {what}, %, refusal phrases\n\n{text}\n")
     print(text)
-
-
-def _named_folder(spec: str) -> tuple[str, Path]:
-    name, sep, folder = spec.partition("=")
-    if not sep or not (Path(folder) / "oracle.csv").is_file():
-        print(f"zoo_oracle: --summarise {spec!r}: give NAME=DIR with DIR/oracle.csv from an oracle run", file=sys.stderr)
-        raise SystemExit(2)
-    return name, Path(folder)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,11 @@ def test_summary_names_each_pool_with_gaps_in_domain_order(tmp_path):
 def test_summary_refuses_a_folder_without_a_run(tmp_path):
     done = _script("--summarise", f"seed0={tmp_path}")
     assert done.returncode == 2 and "oracle.csv" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_summary_names_a_csv_that_is_not_an_oracle_table(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "oracle.csv").write_text("pool,model\nsafe + geography,safe\n")
+    done = _script("--summarise", f"seed0={tmp_path / 'run'}")
+    assert done.returncode == 2 and "not an oracle table" in done.stderr and "Traceback" not in done.stderr
+    assert str(tmp_path / "run" / "oracle.csv") in done.stderr
