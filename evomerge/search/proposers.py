@@ -252,6 +252,11 @@ class ConstrainedProposer(_SafetyBar, CMAESProposer):
     augmented Lagrangian (``cma.ConstrainedFitnessAL``): each candidate is told
     ``f + lam * g + mu * g^2 / 2`` (pycma's form), and ``update`` adapts lam and mu after
     every generation. ``bound`` = the measured reference + ``search.constraint.slack``.
+    Until a candidate is within the bar, only the violation is minimised (pycma's
+    ``find_feasible_first``): the plain sum x0 of a three-model pool starts outside it.
+    ``search.constraint.al_dimension`` (default 1) sets how fast lam and mu adapt: with
+    pycma's default (the genome's length) they barely move in 10 generations, and the
+    searches drifted out of the bar (docs/search.md, "The safety bar").
 
     The AL's state is a function of what it was told, in order, so a replay of the
     recorded generations rebuilds it exactly, as it does the CMA-ES state. A candidate
@@ -270,7 +275,9 @@ class ConstrainedProposer(_SafetyBar, CMAESProposer):
         self.bound = float(reference["bound"])
         self.objectives = ["ce_safety", "ce_domain"]
         self._fg: tuple[float, list[float]] = (math.nan, [math.nan])
-        self.al = cma.ConstrainedFitnessAL(lambda x: self._fg[0], lambda x: self._fg[1], dimension=space.n_dims,
+        dimension = recipe.search.constraint.al_dimension or space.n_dims
+        self.al = cma.ConstrainedFitnessAL(lambda x: self._fg[0], lambda x: self._fg[1], dimension=dimension,
+                                           find_feasible_first=True,
                                            archives=False, logging=False)  # no outcmaes/ in the working folder
 
     def tell(self, genomes: list[Genome], scored: list[Scored]) -> list[float]:

@@ -147,11 +147,16 @@ class ConstraintSpec(_Strict):
     ``reference`` None: the pool model with the lowest safety CE (measured once, before the
     first generation, and kept in the checkpoint); an expert's name: that model's safety CE;
     a number: that CE itself. ``alignment_slack``: for ``pareto`` with ``search.select:
-    behaviour``, points of held-in refusals below the aligned model's still accepted."""
+    behaviour``, points of held-in refusals below the aligned model's still accepted.
+    ``al_dimension``: the dimension ``constrained`` hands pycma's augmented Lagrangian, which
+    divides its multipliers and their adaptation rate by it; 1 lets them settle within the tens
+    of generations of a merge search, None (the genome's length, pycma's own choice) suits
+    hundreds (docs/search.md, "The safety bar")."""
 
     reference: float | str | None = None
     slack: float = Field(0.05, ge=0.0)  # nats of safety CE
     alignment_slack: float = Field(2.0, ge=0.0)  # percentage points
+    al_dimension: int | None = Field(1, ge=1)
 
 
 class SearchSpec(_Strict):
