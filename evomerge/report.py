@@ -36,7 +36,7 @@ from evomerge.runfolder import FolderLock, check_name, dumps_report
 log = logging.getLogger(__name__)
 
 RowName = Literal["grid", "domain-only", "safety-aware", "safety-aware+select", "lm-cocktail", "lm-cocktail+safety",
-                  "constrained", "pareto"]
+                  "constrained", "constrained+select", "pareto"]
 ROW_OVERRIDES: dict[str, list[str]] = {
     "grid": ["search.mode=grid"],
     "domain-only": ["search.mode=evomm-domain"],
@@ -47,10 +47,13 @@ ROW_OVERRIDES: dict[str, list[str]] = {
     "lm-cocktail+safety": ["search.mode=lm-cocktail", "search.cocktail.use_safety=true"],
     # the safety-bar modes (docs/search.md): the search's reference and slack come from the search recipe
     "constrained": ["search.mode=constrained", "search.select=fitness"],
+    "constrained+select": ["search.mode=constrained", "search.select=behaviour"],
     "pareto": ["search.mode=pareto", "search.select=fitness"],
 }
 DEFAULT_ROWS = ("grid", "domain-only", "safety-aware", "safety-aware+select", "lm-cocktail", "lm-cocktail+safety")
 METHOD_FREE_ROWS = ("lm-cocktail", "lm-cocktail+safety")  # a weighted average whatever the method
+# a "+select" row is its twin's search with another choice: it continues a copy of the twin's run
+TWINS = {"safety-aware+select": "safety-aware", "constrained+select": "constrained"}
 PAPER_NAMES = {"ties": "TIES", "dare_ties": "DARE-TIES", "breadcrumbs": "Breadcrumbs", "breadcrumbs_ties": "Breadcrumbs-TIES", "tsvm": "TSVM", "r_tsvm": "R-TSVM", "linear": "linear"}
 
 
@@ -176,9 +179,9 @@ def _run_one(recipe: ReportRecipe, method: str, row: str, folder: Path, evaluato
     label = f"{method}-{row}" if row not in METHOD_FREE_ROWS else row
     search = search_recipe_for(recipe, method, row)
     run_dir = folder / "searches" / label
-    twin = folder / "searches" / f"{method}-safety-aware"
-    if row == "safety-aware+select" and not run_dir.exists() and (twin / "summary.json").exists():
-        # the same search as the safety-aware row: continue a copy of it; only the choice differs
+    twin = folder / "searches" / f"{method}-{TWINS.get(row, row)}"
+    if row in TWINS and not run_dir.exists() and (twin / "summary.json").exists():
+        # the same search as the twin row: continue a copy of it; only the choice differs
         shutil.copytree(twin, run_dir, ignore=shutil.ignore_patterns("evaluation.json", "selection.csv", "model", ".evomerge.lock"))
     out = search_and_evaluate(search, run_dir, evaluator, label)
     return {**out, "method": "-" if row in METHOD_FREE_ROWS else method, "search": row}
@@ -215,7 +218,8 @@ def _pool_row(name: str, ref: str, role: str, folder: Path, evaluator: Evaluator
 
 
 def target_checks(table, domains: list[str], targets: Targets):
-    """Per method: does the safety-aware search meet the bar, and how far is domain-only below it?"""
+    """Per method and safety-aware row (safety-aware, constrained, each with or without
+    ``+select``): does it meet the bar, and how far is domain-only below it?"""
     import pandas as pd
 
     pool = table[table["search"] == "pool"]
@@ -227,7 +231,7 @@ def target_checks(table, domains: list[str], targets: Targets):
     out = []
     for method in [m for m in table["method"].unique() if m != "-"]:
         rows = table[table["method"] == method].set_index("search")
-        for row in ("safety-aware", "safety-aware+select"):
+        for row in ("safety-aware", "safety-aware+select", "constrained", "constrained+select"):
             if row not in rows.index:
                 continue
             sa = rows.loc[row]
@@ -254,7 +258,7 @@ def pareto_plot(table, domains: list[str], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8.5, 5), dpi=120)
     markers = {"grid": "s", "domain-only": "v", "safety-aware": "o", "safety-aware+select": "X", "lm-cocktail": "D",
-               "lm-cocktail+safety": "P", "constrained": "^", "pareto": "h"}
+               "lm-cocktail+safety": "P", "constrained": "^", "constrained+select": "*", "pareto": "h"}
     methods = [m for m in table["method"].unique() if m != "-"]
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     points = []

@@ -93,3 +93,21 @@ def test_bad_report_recipes_are_named(report_recipe, tmp_path):
     with pytest.raises(ConfigError, match="fitness.lambda"):  # a bad cell stops the report before any search
         run_report(load_report_recipe(report_recipe, ["overrides=[fitness.lambda=3]"]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_constrained_select_row_continues_the_constrained_search(report_recipe, tmp_path):
+    """``constrained+select`` is the constrained search with its result chosen by held-in
+    behaviour: a copy of that run (same candidates), its own selection, both in targets.csv."""
+    out = tmp_path / "rep"
+    recipe = load_report_recipe(report_recipe, ["rows=[domain-only,constrained,constrained+select]",
+                                                "methods={ties: {normalize: false}}"])
+    result = run_report(recipe, out)
+    assert list(result.table["search"]) == ["pool", "pool", "base", "domain-only", "constrained", "constrained+select"]
+    same = [pd.read_parquet(out / "searches" / f"ties-{row}" / "candidates.parquet").drop(columns=["build_s", "score_s"])
+            for row in ("constrained", "constrained+select")]
+    pd.testing.assert_frame_equal(same[0], same[1])
+    assert (out / "searches" / "ties-constrained+select" / "selection.csv").exists()
+    assert not (out / "searches" / "ties-constrained" / "selection.csv").exists()
+    checks = pd.read_csv(out / "targets.csv")
+    assert checks["search"].tolist() == ["constrained", "constrained+select"]
+    assert checks["domain_only_gap"].notna().all()
