@@ -15,6 +15,11 @@ instead of task arithmetic. ``--select-on heldout-split`` asks the existence que
 more directly: the held-out sets are split in two seeded halves, the oracle chooses on
 the first (new phrasings and topics, as the product meets them) and the table reports
 the second, which the choice never saw. It bounds what a merge of this genome can do on prompts unlike training.
+
+``--measure POOL:NAME=MODEL`` (repeatable) measures another merge of that pool, for example the
+product's search result written by ``evomerge merge RUN/recipe.yaml --genome RUN/best_genome.yaml``,
+on the very prompts the oracle merge is reported on, with its gaps from the pool and from the
+oracle merge (``vs_oracle_*``, points): is the product's merge within 2 points of the oracle's?
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def split_halves(sets: dict[str, list], seed: int) -> tuple[dict[str, list], dic
     return first, second
 
 
-def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[dict], dict]:
+def run_pool(zoo: Path, world: World, pool: str, domains: list[str], args) -> tuple[list[dict], dict]:
     tokenizer = load_tokenizer(zoo / "safe")
     names = ["safe", *[f"expert-{d}" for d in domains]]
     models = {n: load_model(zoo / n) for n in names}
@@ -67,6 +72,15 @@ def run_pool(zoo: Path, world: World, domains: list[str], args) -> tuple[list[di
         rows.append(row)
     gaps = oracle.headroom(merge, measured, domains)
     rows[-1] |= {**gaps, "headroom": "yes" if gaps["headroom"] else "NO"}
+    for name, folder in args.measure_by_pool.get(pool, []):
+        other = oracle.behaviour(load_model(folder), tokenizer, test)
+        row = {"pool": label, "model": name, "refuses_unsafe": 100 * other["refusal_unsafe"],
+               "refuses_benign": 100 * other["refusal_benign"], **{f"acc_{d}": 100 * other[f"acc_{d}"] for d in domains}}
+        theirs = oracle.headroom(other, measured, domains)
+        row |= {**theirs, "headroom": "yes" if theirs["headroom"] else "NO",
+                "vs_oracle_refusals": round(row["refuses_unsafe"] - rows[-1]["refuses_unsafe"], 1),
+                **{f"vs_oracle_{d}": round(row[f"acc_{d}"] - rows[-1][f"acc_{d}"], 1) for d in domains}}
+        rows.append(row)
     detail = {"models": found["models"], "groups": found["groups"], "selected": found["selected"],
               "candidates": found["candidates"], "seconds": found["seconds"], "heldout": merge}
     return rows, detail
@@ -84,7 +98,8 @@ def summary_rows(name: str, folder: Path) -> list[dict]:
 def _summary_rows(name: str, frame: pd.DataFrame) -> list[dict]:
     rows = []
     for pool, group in frame.groupby("pool", sort=False):
-        group = group.set_index("model")
+        pool_models = group["model"].isin(["safe", "oracle merge"]) | group["model"].str.startswith("expert-")
+        group = group[pool_models].set_index("model")  # not the --measure rows
         merge, safe = group.loc["oracle merge"], group.loc["safe"]
         domains = sorted(c.removeprefix("acc_") for c in group.columns if c.startswith("acc_") and pd.notna(merge[c]))
         rows.append({"build": name, "pool": pool, "safe refuses": f"{safe['refuses_unsafe']:.1f}",
@@ -105,6 +120,20 @@ def _named_folder(spec: str) -> tuple[str, Path]:
     return name, Path(folder)
 
 
+def _measures(specs: list[str], pools: list[str]) -> dict[str, list[tuple[str, Path]]]:
+    """``POOL:NAME=MODEL`` -> {pool label: [(NAME, MODEL)]}; the pool label is the table's."""
+    out: dict[str, list[tuple[str, Path]]] = {}
+    for spec in specs:
+        pool, _, rest = spec.partition(":")
+        name, sep, folder = rest.partition("=")
+        if pool not in pools or not sep or not name or not (Path(folder) / "config.json").is_file():
+            print(f"zoo_oracle: --measure {spec!r}: give POOL:NAME=MODEL with POOL one of --pools ({', '.join(pools)}) "
+                  "and MODEL a model folder", file=sys.stderr)
+            raise SystemExit(2)
+        out.setdefault(pool, []).append((name, Path(folder)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", help="zoo folder (default: the shipped zoo, else the default one built)")
@@ -121,7 +150,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/zoo-oracle")
     parser.add_argument("--summarise", nargs="+", metavar="NAME=DIR",
                         help="only tabulate finished runs (their oracle.csv), one row per build and pool, domains in name order")
+    parser.add_argument("--measure", action="append", default=[], metavar="POOL:NAME=MODEL",
+                        help="also measure MODEL (a merge of POOL: a domain or 'both') on the oracle's reported prompts")
     args = parser.parse_args()
+    args.measure_by_pool = _measures(args.measure, args.pools)
     if args.summarise:
         rows = [row for spec in args.summarise for row in summary_rows(*_named_folder(spec))]
         print(format_table(pd.DataFrame(rows)))
@@ -140,7 +172,7 @@ def main() -> None:
     for pool in args.pools:
         chosen = domains if pool == "both" else [pool]
         print(f"[oracle] safe + {' + '.join(chosen)}", flush=True)
-        pool_rows, detail = run_pool(zoo, world, chosen, args)
+        pool_rows, detail = run_pool(zoo, world, pool, chosen, args)
         rows.extend(pool_rows)
         details[pool_rows[0]["pool"]] = detail
     out = Path(args.out)
